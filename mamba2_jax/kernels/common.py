@@ -1,0 +1,53 @@
+"""Backend selection shared by every op in ``mamba2_jax.kernels``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str, *, op: str, pallas_available: bool = False) -> str:
+    """Turn ``impl`` into the backend that runs: ``"xla"`` or ``"pallas"``.
+
+    ``"auto"`` picks Pallas on a GPU when the op has a Pallas kernel, XLA otherwise.
+    Asking for ``"pallas"`` on an op without a kernel is an error, never a silent fallback.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if (pallas_available and on_gpu) else "xla"
+    if impl == "pallas" and not pallas_available:
+        raise NotImplementedError(f"{op}: no Pallas kernel yet; use impl='xla' or 'auto'")
+    return impl
+
+
+def process_dt(dt, dt_bias=None, dt_softplus: bool = False, dt_limit=(0.0, float("inf"))):
+    """The time step as every Mamba-2 op sees it, in float32.
+
+    ``dt = dt + dt_bias``; ``softplus`` when asked; then ``clip(dt, *dt_limit)`` unless
+    ``dt_limit`` is the default ``(0, inf)`` (mamba_ssm's rule: the default limit is a no-op,
+    so a raw negative ``dt`` without softplus is left alone).
+    """
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)
+    if dt_softplus:
+        dt = jax.nn.softplus(dt)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    if (lo, hi) != (0.0, float("inf")):
+        dt = jnp.clip(dt, lo, hi)
+    return dt
+
+
+def check_dt_limit(op: str, dt_limit) -> tuple[float, float]:
+    """Validate ``dt_limit`` = (lo, hi) with lo <= hi; returns it as floats."""
+    try:
+        lo, hi = (float(v) for v in dt_limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: dt_limit must be a pair (lo, hi), got {dt_limit!r}") from None
+    if not lo <= hi:
+        raise ValueError(f"{op}: dt_limit must have lo <= hi, got {dt_limit!r}")
+    return lo, hi

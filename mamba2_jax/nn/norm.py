@@ -1,0 +1,55 @@
+"""RMS norms: the block norm and the mixer's grouped gated norm (vLLM ``Mixer2RMSNormGated``).
+
+Dtype policy: statistics in float32; the normalised value is cast back to the input dtype and
+then multiplied by the weight (so the result takes the promoted dtype of weight and input, as in
+HF transformers).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _rms_normalize(x, eps):
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """``y = weight * x / sqrt(mean(x^2) + eps)`` over the last axis."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        y = _rms_normalize(x.astype(jnp.float32), self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+class GatedGroupRMSNorm(nnx.Module):
+    """Gate, then RMS-normalise per group: vLLM's ``Mixer2RMSNormGated`` (norm_before_gate=False).
+
+    ``y = x * silu(gate)``; ``y`` [.., i] is viewed as ``n_groups`` groups of ``i / n_groups``
+    channels, each divided by its own RMS, then multiplied by ``weight`` [i]. ``n_groups`` is the
+    checkpoint's ORIGINAL group count (never the TP-duplicated one). ``use_rms_norm=False``
+    returns ``x * silu(gate)`` with no weight.
+    """
+
+    def __init__(self, dim: int, n_groups: int, *, eps: float = 1e-5, use_rms_norm: bool = True,
+                 param_dtype=jnp.float32):
+        if dim % n_groups:
+            raise ValueError(f"GatedGroupRMSNorm: dim={dim} is not a multiple of n_groups={n_groups}")
+        self.n_groups = n_groups
+        self.eps = eps
+        self.use_rms_norm = use_rms_norm
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype)) if use_rms_norm else None
+
+    def __call__(self, x, gate):
+        y = x.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
+        if not self.use_rms_norm:
+            return y.astype(x.dtype)
+        grouped = y.reshape(*y.shape[:-1], self.n_groups, y.shape[-1] // self.n_groups)
+        y = _rms_normalize(grouped, self.eps).reshape(y.shape)
+        return self.weight[...] * y.astype(x.dtype)
