@@ -8,19 +8,25 @@ import jax.numpy as jnp
 IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_impl(impl: str, *, op: str, pallas_available: bool = False) -> str:
+def resolve_impl(impl: str, *, op: str, pallas_available: bool = False,
+                 interpret: bool = False) -> str:
     """Turn ``impl`` into the backend that runs: ``"xla"`` or ``"pallas"``.
 
     ``"auto"`` picks Pallas on a GPU when the op has a Pallas kernel, XLA otherwise.
-    Asking for ``"pallas"`` on an op without a kernel is an error, never a silent fallback.
+    Asking for ``"pallas"`` on an op without a kernel, or off a GPU without ``interpret``, is an
+    error, never a silent fallback.
     """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    on_gpu = jax.default_backend() == "gpu"
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
         return "pallas" if (pallas_available and on_gpu) else "xla"
-    if impl == "pallas" and not pallas_available:
-        raise NotImplementedError(f"{op}: no Pallas kernel yet; use impl='xla' or 'auto'")
+    if impl == "pallas":
+        if not pallas_available:
+            raise NotImplementedError(f"{op}: no Pallas kernel yet; use impl='xla' or 'auto'")
+        if not (on_gpu or interpret):
+            raise ValueError(f"{op}: impl='pallas' needs a GPU (backend here: "
+                             f"{jax.default_backend()}); pass interpret=True to run it on the CPU")
     return impl
 
 

@@ -79,7 +79,7 @@ class MambaMixer2(nnx.Module):
         self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
         self.D = nnx.Param(jnp.ones((i,) if c.d_has_hdim else (h,), jnp.float32))
         self.norm = GatedGroupRMSNorm(i, c.n_groups, eps=c.layer_norm_epsilon,
-                                      use_rms_norm=c.rms_norm, param_dtype=param_dtype)
+                                      use_rms_norm=c.use_rms_norm, param_dtype=param_dtype)
         self.out_proj = nnx.Linear(i, d, **linear)
 
     # -- pieces shared by prefill and decode -------------------------------------------------

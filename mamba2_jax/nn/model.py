@@ -10,7 +10,6 @@ stream is float32 when ``residual_in_fp32``; logits are float32.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -110,7 +109,3 @@ class Mamba2ForCausalLM(nnx.Module):
             h, s = layer.step(h, s, impl=impl)
             new_state.append(s)
         return self._logits(h), tuple(new_state)
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -7,10 +7,14 @@ states in float32.
 
 from __future__ import annotations
 
+import logging
+
 from mamba2_jax.kernels.common import check_dt_limit, resolve_impl
+from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, pallas_unsupported, ssd_pallas
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
 
 _OP = "ssd_chunk_scan"
+log = logging.getLogger("mamba2_jax")
 
 
 def _expect(name, arr, shape):
@@ -81,11 +85,26 @@ def ssd_chunk_scan(
       cu_seqlens: [nseq + 1] int offsets of packed sequences; the state resets at each start.
       return_final_states / return_chunk_states: also return the state after each sequence and
         after every chunk (see ``ssd_chunk_scan_ref``).
-      impl: "auto" | "xla" | "pallas"; interpret: run a Pallas kernel in interpret mode.
+      impl: "auto" | "xla" | "pallas" (auto: Pallas on a GPU, XLA elsewhere; shapes the kernel
+        cannot take fall back to XLA with a logged reason); interpret: run the Pallas kernel in
+        interpret mode (CPU). Gradients of the Pallas path come from the XLA reference
+        (``mamba2_jax.kernels.ssd.pallas.BACKWARD == "xla"``).
     """
     _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens)
-    check_dt_limit(_OP, dt_limit)
-    resolve_impl(impl, op=_OP)
+    dt_limit = check_dt_limit(_OP, dt_limit)
+    backend = resolve_impl(impl, op=_OP, pallas_available=True, interpret=interpret)
+    if backend == "pallas":
+        reason = pallas_unsupported(x, B, chunk_size)
+        if reason is None:
+            cfg = SSDKernelConfig(chunk_size=chunk_size, dt_softplus=dt_softplus,
+                                  dt_limit=dt_limit, interpret=interpret)
+            y, final, chunks = ssd_pallas(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states,
+                                          cu_seqlens)
+            out = (y,) + ((final,) if return_final_states else ()) + (
+                (chunks,) if return_chunk_states else ())
+            return out[0] if len(out) == 1 else out
+        log.warning("%s: Pallas kernel cannot take this input (%s); using the XLA reference",
+                    _OP, reason)
     return ssd_chunk_scan_ref(
         x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
         dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states,

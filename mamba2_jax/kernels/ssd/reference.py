@@ -21,13 +21,12 @@ to ``x.dtype``; states are float32.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from mamba2_jax.kernels.common import process_dt
+from mamba2_jax.kernels.ssd.layout import ChunkPlan
 
 _HI = lax.Precision.HIGHEST
 
@@ -47,44 +46,6 @@ def segsum(a):
     lower = jnp.where(j < i, a[..., :, None], 0.0)  # [.., i, j] = a_i for j < i
     out = jnp.cumsum(lower, axis=-2)
     return jnp.where(j <= i, out, -jnp.inf)
-
-
-class VarlenChunks(NamedTuple):
-    """Sequence-aligned chunk layout of a packed batch (see :func:`varlen_chunk_layout`)."""
-
-    seq: jax.Array
-    start: jax.Array
-    end: jax.Array
-    is_first: jax.Array
-    valid: jax.Array
-    first_chunk: jax.Array
-
-
-def varlen_chunk_layout(cu_seqlens, chunk_size: int, num_tokens: int) -> VarlenChunks:
-    """Chunks that never straddle a sequence, for packed tokens ``[cu[s], cu[s+1])``.
-
-    Returns per-chunk arrays of the static length ``(t + nseq (q - 1)) // q`` (an upper bound
-    on ``sum_s ceil(len_s / q)``): ``seq`` (owning sequence), ``start``/``end`` (token range),
-    ``is_first`` (first chunk of its sequence), ``valid`` (a real chunk, not trailing padding),
-    and ``first_chunk [nseq + 1]`` (index of each sequence's first chunk; the last entry is
-    the number of real chunks). Works on traced ``cu_seqlens``.
-    """
-    q = chunk_size
-    cu = cu_seqlens.astype(jnp.int32)
-    nseq = cu.shape[0] - 1
-    lens = cu[1:] - cu[:-1]
-    n_chunks = (lens + q - 1) // q
-    first_chunk = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_chunks)])
-    bound = max((num_tokens + nseq * (q - 1)) // q, 1)
-    k = jnp.arange(bound, dtype=jnp.int32)
-    seq = jnp.searchsorted(first_chunk[1:], k, side="right").astype(jnp.int32)
-    valid = k < first_chunk[-1]
-    seq = jnp.minimum(seq, nseq - 1)
-    local = k - first_chunk[seq]
-    start = cu[seq] + local * q
-    end = jnp.minimum(start + q, cu[seq + 1])
-    is_first = (local == 0) & valid
-    return VarlenChunks(seq, start, end, is_first, valid, first_chunk)
 
 
 def _chunked_core(x, dt, A, B, C, h0, is_first, init_index):
@@ -174,50 +135,19 @@ def ssd_chunk_scan_ref(
     dtf = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     Af, Bf, Cf = (v.astype(jnp.float32) for v in (A, B, C))
 
-    if cu_seqlens is None:
-        h0 = (jnp.zeros((b, h, p, n), jnp.float32) if initial_states is None
-              else initial_states.astype(jnp.float32))
-        c = -(-l // q)
-        pad = c * q - l
+    m = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    h0 = (jnp.zeros((m, h, p, n), jnp.float32) if initial_states is None
+          else initial_states.astype(jnp.float32))
+    plan = ChunkPlan(b, l, q, cu_seqlens)
 
-        def chunk(v):
-            v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-            return v.reshape(b, c, q, *v.shape[2:])
+    def chunk(v):
+        v = plan.to_chunks(v)
+        return v.reshape(plan.rows, plan.c, q, *v.shape[2:])
 
-        is_first = jnp.zeros((b, c), bool).at[:, 0].set(True)
-        init_index = jnp.broadcast_to(jnp.arange(b)[:, None], (b, c))
-        yc, _, end = _chunked_core(chunk(xf), chunk(dtf), Af, chunk(Bf), chunk(Cf), h0,
-                                   is_first, init_index)
-        y = yc.reshape(b, c * q, h, p)[:, :l]
-        final = end[:, -1] if c else h0
-        chunk_states = end
-    else:
-        nseq = cu_seqlens.shape[0] - 1
-        h0 = (jnp.zeros((nseq, h, p, n), jnp.float32) if initial_states is None
-              else initial_states.astype(jnp.float32))
-        lay = varlen_chunk_layout(cu_seqlens, q, l)
-        tok = lay.start[:, None] + jnp.arange(q)[None, :]  # [c, q]
-        mask = (tok < lay.end[:, None]) & lay.valid[:, None]
-        tok = jnp.where(mask, tok, 0)
-
-        def gather(v):
-            g = v[0][tok]
-            m = mask.reshape(mask.shape + (1,) * (g.ndim - 2))
-            return jnp.where(m, g, 0.0)[None]
-
-        yc, _, end = _chunked_core(gather(xf), gather(dtf), Af, gather(Bf), gather(Cf), h0,
-                                   lay.is_first[None], lay.seq[None])
-        # Scatter back: token t sits at (chunk, pos) of its own sequence.
-        t = jnp.arange(l)
-        cu = cu_seqlens.astype(jnp.int32)
-        seq_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), nseq - 1)
-        local = t - cu[seq_t]
-        y = yc[0][lay.first_chunk[seq_t] + local // q, local % q][None]
-        has_chunks = lay.first_chunk[1:] > lay.first_chunk[:-1]
-        last = jnp.maximum(lay.first_chunk[1:] - 1, 0)
-        final = jnp.where(has_chunks[:, None, None, None], end[0][last], h0)
-        chunk_states = jnp.where(lay.valid[None, :, None, None, None], end, 0.0)
-
+    yc, _, end = _chunked_core(chunk(xf), chunk(dtf), Af, chunk(Bf), chunk(Cf), h0,
+                               plan.is_first, plan.init_index)
+    y = plan.from_chunks(yc.reshape(plan.rows, plan.c * q, h, p))
+    final, chunk_states = plan.final_states(end, h0), plan.chunk_states(end)
     y = _skip_and_gate(y, xf, D, z).astype(x.dtype)
     out = (y,)
     if return_final_states:

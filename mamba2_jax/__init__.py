@@ -1,0 +1,1 @@
+"""mamba2-jax (public API being assembled)."""

@@ -1,0 +1,115 @@
+"""``load_pretrained`` / ``save_pretrained``: HF-format and mamba_ssm-format directories.
+
+Reading: ``config.json`` (HF or mamba_ssm keys, see :mod:`mamba2_jax.config`) plus the weights
+found by :func:`mamba2_jax.convert.readers.read_tensors` (``model.safetensors``, a sharded
+``model.safetensors.index.json`` or ``pytorch_model.bin``). Every model parameter must be present
+with the shape the config implies; any key left over is an error (except ``lm_head.weight`` of a
+tied model, which mamba_ssm checkpoints store as a copy of the embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba2_jax.config import Mamba2Config
+from mamba2_jax.convert.errors import CheckpointError
+from mamba2_jax.convert.hf_layout import canonical_key, from_hf, hf_key, to_hf
+from mamba2_jax.convert.readers import read_tensors
+from mamba2_jax.nn.model import Mamba2ForCausalLM
+
+FLOAT32_PARAMS = ("A_log", "D", "dt_bias")  # per-head SSM parameters stay float32
+
+
+def _param_dtype(path, dtype):
+    return jnp.float32 if str(path[-1]) in FLOAT32_PARAMS else dtype
+
+
+def abstract_model(config: Mamba2Config, dtype=jnp.float32):
+    """The model's structure with ShapeDtypeStruct leaves (no memory, no init cost)."""
+    return nnx.eval_shape(lambda: Mamba2ForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def _weights_name(directory: Path) -> str:
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return str(directory / name)
+    return str(directory)
+
+
+def load_pretrained(path, *, dtype=None) -> Mamba2ForCausalLM:
+    """Load a Mamba-2 LM from an HF or mamba_ssm checkpoint directory.
+
+    ``dtype``: parameter dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the checkpoint's dtype
+    (that of the embedding). ``A_log``, ``D`` and ``dt_bias`` are always float32. The returned
+    model has ``.config``.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected config.json + weights)")
+    config = Mamba2Config.from_pretrained(directory)
+    tensors = {canonical_key(k): v for k, v in read_tensors(directory).items()}
+    where = _weights_name(directory)
+    if dtype is None:
+        emb = tensors.get("backbone.embeddings.weight")
+        dtype = emb.dtype if emb is not None else np.float32
+    dtype = jnp.dtype(dtype)
+
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    flat = nnx.to_flat_state(state)
+    used = set()
+    for path, var in flat:
+        key = hf_key(path)
+        if key not in tensors:
+            raise CheckpointError(f"{where}: missing key {key!r} (needed for a model with {config.num_hidden_layers} layers, tie_word_embeddings={config.tie_word_embeddings})")
+        arr = from_hf(path, tensors[key])
+        expected = tuple(var.value.shape)
+        if tuple(arr.shape) != expected:
+            raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but the config implies {expected} (in our layout; got {tuple(arr.shape)})")
+        var.value = jnp.asarray(arr, dtype=_param_dtype(path, dtype))
+        used.add(key)
+    unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected key(s) for this config: {shown}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hf_state_dict(model: Mamba2ForCausalLM) -> dict[str, np.ndarray]:
+    """The model's parameters as HF-named numpy arrays in HF layouts."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[hf_key(path)] = to_hf(path, np.asarray(jax.device_get(var.value)))
+    return out
+
+
+def save_pretrained(model: Mamba2ForCausalLM, path, *, overwrite: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (HF transformers format) into ``path``.
+
+    Files are written to temporary names and renamed at the end, so a failure leaves no partial
+    checkpoint behind. An existing checkpoint is refused unless ``overwrite``.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(path)
+    targets = [directory / "config.json", directory / "model.safetensors"]
+    if not overwrite and any(t.exists() for t in targets):
+        raise FileExistsError(f"{directory}: already holds a checkpoint (pass overwrite=True)")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    tmp = [t.with_name(t.name + ".tmp") for t in targets]
+    try:
+        tmp[0].write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+        save_file(tensors, str(tmp[1]), metadata={"format": "pt"})
+        for src, dst in zip(tmp, targets):
+            os.replace(src, dst)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+    return directory

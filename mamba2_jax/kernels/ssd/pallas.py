@@ -1,0 +1,103 @@
+"""SSD through the Pallas kernels: layout, supported shapes, and the custom VJP.
+
+The forward runs the two kernels of ``pallas_fwd.py`` on the chunk layout of ``layout.py``.
+The backward is, for now, the named fallback ``backward="xla"``: ``jax.vjp`` of the pure-JAX
+reference (a recompute), not a Pallas kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mamba2_jax.kernels.common import process_dt
+from mamba2_jax.kernels.ssd.layout import ChunkPlan
+from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
+from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
+
+BACKWARD = "xla"  # how gradients of impl="pallas" are computed (see module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDKernelConfig:
+    """Static settings of one Pallas SSD call (block sizes and launch parameters)."""
+
+    chunk_size: int
+    dt_softplus: bool = False
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    block_m: int = 64  # rows of y per program of the output kernel
+    block_k: int = 64  # tokens per step when accumulating a chunk's state
+    block_p: int | None = None  # head-dim columns per program of the state kernels (None: all)
+    num_warps: int = 4
+    num_stages: int = 2
+    two_pass: bool = False  # chunk states in parallel, then a light sequential pass
+    precompute_cb: bool = True  # C.B^T once per group (batched matmul) instead of per head
+    interpret: bool = False
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def pallas_unsupported(x, B, chunk_size: int) -> str | None:
+    """Why the Pallas kernels cannot take these shapes (None when they can)."""
+    p, n = x.shape[-1], B.shape[-1]
+    if not (_pow2(p) and 16 <= p <= 128):
+        return f"head_dim p={p} is not a power of two in [16, 128]"
+    if not (_pow2(n) and 16 <= n <= 256):
+        return f"state size n={n} is not a power of two in [16, 256]"
+    if not 16 <= chunk_size <= 256:
+        return f"chunk_size={chunk_size} is outside [16, 256]"
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return f"dtype {x.dtype} is not bf16/fp16/fp32"
+    return None
+
+
+def _forward(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    m = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    plan = ChunkPlan(b, l, cfg.chunk_size, cu_seqlens)
+    dtp = process_dt(dt, dt_bias, cfg.dt_softplus, cfg.dt_limit)
+    h0f = jnp.zeros((m, h, p, n), jnp.float32) if h0 is None else h0.astype(jnp.float32)
+    y, end = ssd_forward_chunked(
+        plan.to_chunks(x), plan.to_chunks(dtp), A.astype(jnp.float32),
+        plan.to_chunks(B.astype(x.dtype)), plan.to_chunks(C.astype(x.dtype)),
+        jnp.zeros((h,), jnp.float32) if D is None else D.astype(jnp.float32),
+        None if z is None else plan.to_chunks(z.astype(x.dtype)), h0f,
+        plan.is_first, plan.init_index, chunk_size=cfg.chunk_size,
+        block_m=min(cfg.block_m, cfg.chunk_size), block_k=min(cfg.block_k, cfg.chunk_size),
+        block_p=None if cfg.block_p is None else min(cfg.block_p, x.shape[-1]),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, two_pass=cfg.two_pass,
+        precompute_cb=cfg.precompute_cb,
+        interpret=cfg.interpret)
+    return plan.from_chunks(y), plan.final_states(end, h0f), plan.chunk_states(end)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ssd_pallas(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):
+    """(y, final_states, chunk_states) from the Pallas kernels; differentiable."""
+    return _forward(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens)
+
+
+def _fwd(cfg, *args):
+    return _forward(cfg, *args), args
+
+
+def _bwd(cfg, args, cotangents):
+    *diff_args, cu_seqlens = args
+
+    def reference(x, dt, A, B, C, D, z, dt_bias, h0):
+        return ssd_chunk_scan_ref(
+            x, dt, A, B, C, chunk_size=cfg.chunk_size, D=D, z=z, dt_bias=dt_bias,
+            dt_softplus=cfg.dt_softplus, dt_limit=cfg.dt_limit, initial_states=h0,
+            cu_seqlens=cu_seqlens, return_final_states=True, return_chunk_states=True)
+
+    _, vjp = jax.vjp(reference, *diff_args)
+    return (*vjp(cotangents), None)
+
+
+ssd_pallas.defvjp(_fwd, _bwd)

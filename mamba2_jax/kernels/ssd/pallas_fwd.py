@@ -1,0 +1,242 @@
+"""Pallas (Triton backend) SSD forward: a state-passing kernel and a parallel chunk-output kernel.
+
+Inputs are laid out in chunks of q tokens (``[b, c*q, ...]``; padding tokens carry dt = 0).
+With ``a = dt * A`` and ``acum`` its cumsum inside each chunk (computed in XLA, float32):
+
+1. ``_state_kernel``, grid (b, h, p / bp), sequential over chunks:
+       S <- h0[init_index[c]]                               if is_first[c]
+       S <- exp(total_c) S + sum_j exp(to_end_j) dt_j x_j B_j^T   (to_end_j = a_{j+1} + .. + a_{q-1})
+   and writes the state leaving every chunk, ``end [b, c, h, p, n]`` (float32).
+2. ``_output_kernel``, grid (h, q / bm, b*c), fully parallel (flash-attention shaped; heads
+   vary fastest so programs running together share one chunk's B, C and x in L2):
+       y_i = exp(acum_i) C_i S_prev + sum_{j <= i} (C_i . B_j) exp(acum_i - acum_j) dt_j x_j
+             + D x_i,   then y_i *= silu(z_i)
+   with ``S_prev`` = h0 at a sequence's first chunk, else ``end[c - 1]``.
+
+Exponents are always differences ``acum_i - acum_j <= 0`` taken before ``exp`` (masked to
+-inf above the diagonal), never a product ``exp(acum_i) * exp(-acum_j)``.
+Dtype policy: matmul operands in the input dtype (bf16 or fp32; fp32 dots at HIGHEST
+precision), float32 accumulation and states, ``y`` in ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False, fp32=False):
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    precision = lax.Precision.HIGHEST if fp32 else None
+    return lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _local_state(x_ref, B_ref, dt_ref, to_end_ref, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
+    """sum_j exp(to_end_j) dt_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n]."""
+
+    def body(kb, acc):
+        tok = pl.ds(ci * q + kb * bk, bk)
+        x = x_ref[bi, tok, hi, ps]  # [bk, bp]
+        Bk = B_ref[bi, tok, gi, :]  # [bk, n]
+        sub = pl.ds(kb * bk, bk)
+        w = jnp.exp(to_end_ref[bi, ci, hi, sub]) * dt_ref[bi, ci, hi, sub]
+        xw = (x.astype(jnp.float32) * w[:, None]).astype(x.dtype)
+        return acc + _dot(xw, Bk, trans_a=True, fp32=fp32)
+
+    ps = pl.ds(pb * bp, bp)
+    return lax.fori_loop(0, q // bk, body, jnp.zeros((bp, B_ref.shape[-1]), jnp.float32))
+
+
+def _state_kernel(x_ref, B_ref, dt_ref, to_end_ref, total_ref, first_ref, index_ref, h0_ref,
+                  end_ref, *, q, bk, bp, heads_per_group, fp32):
+    """Sequential over chunks: the state leaving every chunk (grid b, h, p / bp)."""
+    bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    ps = pl.ds(pb * bp, bp)
+
+    def body(c, S):
+        S = jnp.where(first_ref[bi, c] != 0, h0_ref[index_ref[bi, c], hi, ps, :], S)
+        loc = _local_state(x_ref, B_ref, dt_ref, to_end_ref, bi, c, hi, gi, pb, q=q, bk=bk, bp=bp,
+                           fp32=fp32)
+        S = jnp.exp(total_ref[bi, c, hi]) * S + loc
+        end_ref[bi, c, hi, ps, :] = S
+        return S
+
+    lax.fori_loop(0, end_ref.shape[1], body, jnp.zeros((bp, B_ref.shape[-1]), jnp.float32))
+
+
+def _local_state_kernel(x_ref, B_ref, dt_ref, to_end_ref, loc_ref, *, q, bk, bp,
+                        heads_per_group, fp32):
+    """Each chunk's own state contribution, all chunks in parallel (grid h, p / bp, b*c)."""
+    hi, pb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nc = loc_ref.shape[1]
+    bi, ci = bc // nc, bc % nc
+    loc_ref[bi, ci, hi, pl.ds(pb * bp, bp), :] = _local_state(
+        x_ref, B_ref, dt_ref, to_end_ref, bi, ci, hi, hi // heads_per_group, pb, q=q, bk=bk,
+        bp=bp, fp32=fp32)
+
+
+def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, *, bp):
+    """S_c = exp(total_c) S_{c-1} + loc_c (reset to h0 at first chunks); grid (b, h, p / bp)."""
+    bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ps = pl.ds(pb * bp, bp)
+
+    def body(c, S):
+        S = jnp.where(first_ref[bi, c] != 0, h0_ref[index_ref[bi, c], hi, ps, :], S)
+        S = jnp.exp(total_ref[bi, c, hi]) * S + loc_ref[bi, c, hi, ps, :]
+        end_ref[bi, c, hi, ps, :] = S
+        return S
+
+    lax.fori_loop(0, end_ref.shape[1], body, jnp.zeros((bp, end_ref.shape[-1]), jnp.float32))
+
+
+def _output_kernel(x_ref, B_ref, C_ref, cb_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref,
+                   end_ref, D_ref, z_ref, y_ref, *, q, bm, heads_per_group, fp32, has_z,
+                   d_per_channel, precomputed_cb):
+    hi, mb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nc = end_ref.shape[1]
+    bi, ci = bc // nc, bc % nc
+    gi = hi // heads_per_group
+    rows = pl.ds(ci * q + mb * bm, bm)
+    Ci = C_ref[bi, rows, gi, :]  # [bm, n]
+    acum_i = acum_ref[bi, ci, hi, pl.ds(mb * bm, bm)]  # [bm]
+
+    # Inter-chunk term: the state entering this chunk, decayed to each row.
+    prev_end = end_ref[bi, jnp.maximum(ci - 1, 0), hi, :, :]  # [p, n]
+    prev = jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, :, :], prev_end)
+    Cs = (Ci.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(Ci.dtype)
+    acc = _dot(Cs, prev.astype(Ci.dtype), trans_b=True, fp32=fp32)  # [bm, p]
+
+    # Intra-chunk term, block by block up to the diagonal.
+    row_id = mb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+
+    def body(jb, acc):
+        cols = pl.ds(ci * q + jb * bm, bm)
+        xj = x_ref[bi, cols, hi, :]  # [bm, p]
+        acum_j = acum_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
+        dt_j = dt_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
+        col_id = jb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+        seg = jnp.where(col_id <= row_id, acum_i[:, None] - acum_j[None, :], -jnp.inf)
+        if precomputed_cb:  # C_i . B_j shared by the heads of a group
+            cb = cb_ref[bi, ci, gi, pl.ds(mb * bm, bm), pl.ds(jb * bm, bm)]
+        else:
+            cb = _dot(Ci, B_ref[bi, cols, gi, :], trans_b=True, fp32=fp32)
+        s = cb * jnp.exp(seg) * dt_j[None, :]
+        return acc + _dot(s.astype(xj.dtype), xj, fp32=fp32)
+
+    acc = lax.fori_loop(0, mb + 1, body, acc)
+
+    xi = x_ref[bi, rows, hi, :].astype(jnp.float32)
+    d = D_ref[hi, :] if d_per_channel else D_ref[hi]
+    y = acc + xi * d
+    if has_z:
+        y = y * jax.nn.silu(z_ref[bi, rows, hi, :].astype(jnp.float32))
+    y_ref[bi, rows, hi, :] = y.astype(y_ref.dtype)
+
+
+class Decays(NamedTuple):
+    """Per-chunk decay terms of ``a = dt * A`` (float32, [b, c, h, q] unless noted)."""
+
+    acum: jax.Array  # a_0 + ... + a_i (inclusive cumsum inside the chunk)
+    to_end: jax.Array  # a_{j+1} + ... + a_{q-1} (exclusive reverse cumsum: no cancellation)
+    total: jax.Array  # [b, c, h] sum over the chunk
+    dt: jax.Array  # dt itself, laid out per chunk
+
+
+def chunk_decays(dt, A, chunk_size) -> Decays:
+    b, L, h = dt.shape
+    q = chunk_size
+    a = jnp.moveaxis((dt * A[None, None, :]).reshape(b, L // q, q, h), 2, 3)  # [b, c, h, q]
+    rev = jnp.cumsum(a[..., ::-1], axis=-1)[..., ::-1]  # a_j + ... + a_{q-1}
+    to_end = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
+    dtc = jnp.moveaxis(dt.reshape(b, L // q, q, h), 2, 3)
+    return Decays(jnp.cumsum(a, axis=-1), to_end, jnp.sum(a, axis=-1), dtc)
+
+
+def chunk_cb(B, C, chunk_size, fp32):
+    """C_i . B_j inside every chunk, per group: [b, c, g, q, q] float32 (one batched matmul)."""
+    b, L, g, n = B.shape
+    q = chunk_size
+    shape = (b, L // q, q, g, n)
+    return jnp.einsum("bcign,bcjgn->bcgij", C.reshape(shape), B.reshape(shape),
+                      precision=lax.Precision.HIGHEST if fp32 else None,
+                      preferred_element_type=jnp.float32)
+
+
+def _launcher(interpret, num_warps, num_stages):
+    return functools.partial(pl.pallas_call, interpret=interpret, compiler_params=plt.CompilerParams(
+        num_warps=num_warps, num_stages=num_stages))
+
+
+def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, block_k=64,
+                 block_p=None, two_pass=False, num_warps=4, num_stages=2, interpret=False):
+    """The state leaving every chunk: [b, c, h, p, n] float32 (kernels 1 / 1a + 1b)."""
+    b, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    q, c = chunk_size, L // chunk_size
+    bk, bp = min(block_k, q), p if block_p is None else block_p
+    fp32 = x.dtype == jnp.float32
+    call = _launcher(interpret, num_warps, num_stages)
+    states = jax.ShapeDtypeStruct((b, c, h, p, n), jnp.float32)
+    first, index = is_first.astype(jnp.int32), init_index.astype(jnp.int32)
+    common = dict(q=q, bk=bk, bp=bp, heads_per_group=h // g, fp32=fp32)
+    if not two_pass:
+        return call(functools.partial(_state_kernel, **common), out_shape=states,
+                    grid=(b, h, p // bp), name="ssd_state_passing")(
+            x, B, dec.dt, dec.to_end, dec.total, first, index, h0)
+    loc = call(functools.partial(_local_state_kernel, **common), out_shape=states,
+               grid=(h, p // bp, b * c), name="ssd_chunk_state")(x, B, dec.dt, dec.to_end)
+    return call(functools.partial(_pass_kernel, bp=bp), out_shape=states, grid=(b, h, p // bp),
+                name="ssd_state_passing")(loc, dec.total, first, index, h0)
+
+
+def chunk_outputs(x, B, C, cb, dec: Decays, is_first, init_index, h0, end, D, z, *, chunk_size,
+                  block_m=64, num_warps=4, num_stages=2, interpret=False):
+    """y [b, c*q, h, p] from the chunk end states (kernel 2). ``cb`` None: recompute C.B^T."""
+    b, L, h, p = x.shape
+    g = B.shape[-2]
+    q = chunk_size
+    bm = min(block_m, q)
+    has_z = z is not None
+    kernel = functools.partial(
+        _output_kernel, q=q, bm=bm, heads_per_group=h // g, fp32=x.dtype == jnp.float32,
+        has_z=has_z, d_per_channel=D.ndim == 2, precomputed_cb=cb is not None)
+    return _launcher(interpret, num_warps, num_stages)(
+        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(h, q // bm, b * (L // q)),
+        name="ssd_chunk_output")(
+        x, B, C, B if cb is None else cb, dec.dt, dec.acum, is_first.astype(jnp.int32),
+        init_index.astype(jnp.int32), h0, end, D.astype(jnp.float32), z if has_z else x)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "block_p",
+                                             "num_warps", "num_stages", "two_pass",
+                                             "precompute_cb", "interpret"))
+def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
+                        block_m: int = 64, block_k: int = 64, block_p: int | None = None,
+                        num_warps: int = 4, num_stages: int = 2, two_pass: bool = False,
+                        precompute_cb: bool = True, interpret: bool = False):
+    """Run the kernels on chunk-aligned inputs.
+
+    x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
+    [b, c*q, g, n], D [h] or [h, p] (zeros when absent), z [b, c*q, h, p] or None, h0
+    [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
+    end states [b, c, h, p, n] float32). ``two_pass``: compute every chunk's own state in
+    parallel, then pass states in a light sequential kernel (instead of one sequential kernel).
+    ``precompute_cb``: C.B^T once per group by one batched matmul, instead of per head.
+    """
+    q = chunk_size
+    launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    dec = chunk_decays(dt, A, q)
+    end = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
+                       block_k=block_k, block_p=block_p, two_pass=two_pass, **launch)
+    cb = chunk_cb(B, C, q, x.dtype == jnp.float32) if precompute_cb else None
+    y = chunk_outputs(x, B, C, cb, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
+                      block_m=block_m, **launch)
+    return y, end

@@ -1,0 +1,156 @@
+"""Pallas SSD kernels: interpret mode (CPU) and on the GPU vs the reference and the scan oracle;
+lowering for "cuda" on CPU so Triton lowering errors fail CI."""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba2_jax.kernels.ssd import ssd_chunk_scan, ssd_sequential_ref
+from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def inputs(seed, b, l, h, p, g, n, dtype, nseq=None):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    return dict(x=f(b, l, h, p).astype(dtype), dt=f(b, l, h), B=f(b, l, g, n).astype(dtype),
+                C=f(b, l, g, n).astype(dtype), z=f(b, l, h, p).astype(dtype),
+                A=-jnp.asarray(rng.uniform(0.5, 4.0, h), jnp.float32), D=f(h), Dhp=f(h, p),
+                dt_bias=f(h) - 1.0, h0=f(b if nseq is None else nseq, h, p, n))
+
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+CASES = [  # b, l, h, p, g, n, q, dtype, options
+    (2, 40, 4, 16, 2, 16, 16, jnp.float32, ("D", "z", "h0")),
+    (1, 70, 8, 16, 1, 32, 32, jnp.bfloat16, ("D",)),
+    (2, 33, 8, 32, 8, 16, 16, jnp.float32, ("Dhp", "h0")),
+    (1, 64, 2, 16, 1, 16, 64, jnp.bfloat16, ("z",)),
+]
+
+
+def run(v, q, opts, impl, **kw):
+    return ssd_chunk_scan(
+        v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=q, dt_bias=v["dt_bias"],
+        dt_softplus=True, D=v["D"] if "D" in opts else (v["Dhp"] if "Dhp" in opts else None),
+        z=v["z"] if "z" in opts else None, initial_states=v["h0"] if "h0" in opts else None,
+        return_final_states=True, impl=impl, interpret=not ON_GPU, **kw)
+
+
+@pytest.mark.parametrize("b,l,h,p,g,n,q,dtype,opts", CASES)
+def test_interpret_matches_reference_and_oracle(b, l, h, p, g, n, q, dtype, opts):
+    v = inputs(l, b, l, h, p, g, n, dtype)
+    y, final = run(v, q, opts, "pallas")
+    y_ref, final_ref = run(v, q, opts, "xla")
+    assert y.dtype == dtype
+    assert rel(y, y_ref) < TOL[dtype] and rel(final, final_ref) < TOL[dtype]
+    y_seq, final_seq = ssd_sequential_ref(
+        v["x"], v["dt"], v["A"], v["B"], v["C"], dt_bias=v["dt_bias"], dt_softplus=True,
+        D=v["D"] if "D" in opts else (v["Dhp"] if "Dhp" in opts else None),
+        z=v["z"] if "z" in opts else None, initial_states=v["h0"] if "h0" in opts else None)
+    assert rel(y, y_seq) < TOL[dtype] and rel(final, final_seq) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_varlen_with_initial_states(dtype):
+    lens = (9, 0, 40, 3, 20)
+    v = inputs(7, 1, sum(lens), 4, 16, 2, 16, dtype, nseq=len(lens))
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    kw = dict(chunk_size=16, D=v["D"], z=v["z"], dt_bias=v["dt_bias"], dt_softplus=True,
+              initial_states=v["h0"], cu_seqlens=cu, return_final_states=True,
+              return_chunk_states=True)
+    y, final, chunks = ssd_chunk_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], impl="pallas",
+                                      interpret=not ON_GPU, **kw)
+    y_ref, final_ref, chunks_ref = ssd_chunk_scan(v["x"], v["dt"], v["A"], v["B"], v["C"],
+                                                  impl="xla", **kw)
+    tol = TOL[dtype]
+    assert rel(y, y_ref) < tol and rel(final, final_ref) < tol and rel(chunks, chunks_ref) < tol
+    np.testing.assert_array_equal(final[1], v["h0"][1])  # the empty sequence keeps its state
+
+
+def test_gradients_through_pallas_forward():
+    v = inputs(3, 1, 24, 4, 16, 2, 16, jnp.float32)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((1, 24, 4, 16)), jnp.float32)
+    args = (v["x"], v["dt"], v["A"], v["B"], v["C"], v["D"], v["z"], v["dt_bias"], v["h0"][:1])
+
+    def loss(impl, x, dt, A, B, C, D, z, dt_bias, h0):
+        y, final = ssd_chunk_scan(x, dt, A, B, C, chunk_size=16, D=D, z=z, dt_bias=dt_bias,
+                                  dt_softplus=True, initial_states=h0, return_final_states=True,
+                                  impl=impl, interpret=not ON_GPU)
+        return jnp.sum(w * y) + jnp.sum(jnp.sin(final))
+
+    g_pallas = jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(9)))(*args)
+    g_xla = jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(9)))(*args)
+    for a, b in zip(g_pallas, g_xla):
+        assert rel(a, b) < 1e-4
+
+
+def test_unsupported_shape_falls_back_with_a_logged_reason(caplog):
+    v = inputs(4, 1, 20, 2, 24, 1, 16, jnp.float32)  # head_dim 24 is not a power of two
+    with caplog.at_level(logging.WARNING, logger="mamba2_jax"):
+        y = ssd_chunk_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], chunk_size=16,
+                           impl="pallas", interpret=not ON_GPU)
+    assert "head_dim p=24" in caplog.text
+    np.testing.assert_array_equal(y, ssd_chunk_scan(v["x"], v["dt"], v["A"], v["B"], v["C"],
+                                                     chunk_size=16, impl="xla"))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("with_z,d_per_channel", [(False, False), (True, True)])
+def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel):
+    """Cross-lower at real sizes: Triton lowering errors (shapes, primitives) fail on CPU."""
+    b, l, h, p, g, n, q = 1, 1024, 8, 64, 1, 128, 256
+    S = jax.ShapeDtypeStruct
+    args = (S((b, l, h, p), dtype), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+            S((b, l, g, n), dtype), S((b, l, g, n), dtype),
+            S((h, p) if d_per_channel else (h,), jnp.float32),
+            S((b, l, h, p), dtype) if with_z else None, S((b, h, p, n), jnp.float32),
+            S((b, l // q), jnp.int32), S((b, l // q), jnp.int32))
+    fn = functools.partial(ssd_forward_chunked, chunk_size=q)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+# ---- GPU only -------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,l,h,p,g,n,q", [(1, 8192, 80, 64, 1, 128, 256),
+                                           (2, 3000, 16, 64, 8, 128, 128),
+                                           (1, 4096, 32, 128, 4, 64, 64)])
+def test_gpu_real_sizes(b, l, h, p, g, n, q):
+    v = inputs(l, b, l, h, p, g, n, jnp.bfloat16)
+    kw = dict(chunk_size=q, D=v["D"], z=v["z"], dt_bias=v["dt_bias"], dt_softplus=True,
+              initial_states=v["h0"], return_final_states=True)
+    y, final = ssd_chunk_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], impl="pallas", **kw)
+    y_ref, final_ref = ssd_chunk_scan(v["x"], v["dt"], v["A"], v["B"], v["C"], impl="xla", **kw)
+    assert rel(y, y_ref) < 2e-2 and rel(final, final_ref) < 2e-2
+    v32 = {k: (a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a) for k, a in v.items()}
+    y32, _ = ssd_chunk_scan(v32["x"], v32["dt"], v32["A"], v32["B"], v32["C"], impl="pallas", **{
+        **kw, "z": v32["z"]})
+    y32_ref, _ = ssd_chunk_scan(v32["x"], v32["dt"], v32["A"], v32["B"], v32["C"], impl="xla",
+                                **{**kw, "z": v32["z"]})
+    assert rel(y32, y32_ref) < 1e-4
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_64k_tokens_strong_decay_is_stable():
+    b, l, h, p, g, n, q = 1, 65536, 8, 64, 1, 128, 256
+    v = inputs(9, b, l, h, p, g, n, jnp.float32)
+    dt = jnp.abs(v["dt"]) * 4.0 + 2.0  # dt*|A| up to ~40 per token: thousands per chunk
+    kw = dict(chunk_size=q, D=v["D"], return_final_states=True)
+    y, final = ssd_chunk_scan(v["x"], dt, v["A"] * 5, v["B"], v["C"], impl="pallas", **kw)
+    y_ref, final_ref = ssd_chunk_scan(v["x"], dt, v["A"] * 5, v["B"], v["C"], impl="xla", **kw)
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(final)).all()
+    assert rel(y, y_ref) < 1e-4 and rel(final, final_ref) < 1e-4
