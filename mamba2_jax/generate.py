@@ -23,7 +23,7 @@ def sample_logits(logits, key, *, temperature=0.0, top_k: int | None = None,
     restricted to the ``top_k`` largest logits and to the smallest set of tokens whose
     probability mass reaches ``top_p`` (HF transformers' rules; at least one token is kept).
     """
-    if temperature == 0.0:
+    if isinstance(temperature, (int, float)) and temperature == 0.0:  # static: greedy
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None:

@@ -92,21 +92,19 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync):
     index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, l // q))
     h0 = jnp.zeros((b, h, p, B.shape[-1]), jnp.float32)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    prologue = jax.jit(lambda dt, bias, B, C: (
-        k.chunk_decays(process_dt(dt, bias, True), A, q),
-        k.chunk_cb(B, C, q, False) if cfg.precompute_cb else None))
-    dec, cb = prologue(dt, bias, B, C)
+    prologue = jax.jit(lambda dt, bias: k.chunk_decays(process_dt(dt, bias, True), A, q))
+    dec = prologue(dt, bias)
     states = jax.jit(lambda x, B, dec: k.chunk_states(
         x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k,
         block_p=cfg.block_p, two_pass=cfg.two_pass, **launch))
     end = states(x, B, dec)
-    outputs = jax.jit(lambda x, B, C, cb, dec, end: k.chunk_outputs(
-        x, B, C, cb, dec, first, index, h0, end, D, None, chunk_size=q,
-        block_m=cfg.block_m, **launch))
+    outputs = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
+        x, B, C, dec, first, index, h0, end, D, None, chunk_size=q, block_m=cfg.block_m,
+        row_blocks=cfg.row_blocks, **launch))
     return dict(
-        prologue=timeit(lambda: prologue(dt, bias, B, C), sync),
+        prologue=timeit(lambda: prologue(dt, bias), sync),
         states=timeit(lambda: states(x, B, dec), sync),
-        outputs=timeit(lambda: outputs(x, B, C, cb, dec, end), sync))
+        outputs=timeit(lambda: outputs(x, B, C, dec, end), sync))
 
 
 def _fmt(v, spec=".3f"):
@@ -138,7 +136,7 @@ def main():
     ap.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
     ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
     ap.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
-    ap.add_argument("--configs", default="64:64:64:4:2:0",
+    ap.add_argument("--configs", default="64:32:64:4:3:1:1",
                     help="our kernel configs to try: block_m:block_k:block_p:warps:stages:two_pass,...")
     args = ap.parse_args()
 
@@ -159,7 +157,7 @@ def main():
     jsync = lambda out: jax.block_until_ready(out) if out is not None else None
     tsync = lambda _: torch.cuda.synchronize()
     fields = ("block_m", "block_k", "block_p", "num_warps", "num_stages", "two_pass",
-              "precompute_cb")
+              "row_blocks")
     configs = [dict(zip(fields, (int(v) for v in c.split(":")))) for c in args.configs.split(",")]
 
     rows = []
@@ -199,8 +197,7 @@ def main():
         best = None
         for conf in configs:
             name = ":".join(str(v) for v in conf.values())
-            conf = {**conf, "two_pass": bool(conf["two_pass"]),
-                    "precompute_cb": bool(conf.get("precompute_cb", 1))}
+            conf = {**conf, "two_pass": bool(conf["two_pass"])}
             cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, **conf)
             try:
                 fn = ours_with(cfg)

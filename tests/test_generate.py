@@ -29,16 +29,18 @@ def test_greedy_is_argmax_and_topk1_is_greedy():
 def test_sampling_follows_softmax_within_top_k_and_top_p():
     logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]], jnp.float32)
     keys = jax.random.split(jax.random.key(1), 20000)
-    draw = jax.vmap(lambda k, **kw: sample_logits(logits, k, **kw)[0], in_axes=0)
-    counts = np.bincount(np.asarray(draw(keys, temperature=0.7)), minlength=6) / len(keys)
+    def draw(**kw):
+        return np.asarray(jax.vmap(lambda k: sample_logits(logits, k, **kw)[0])(keys))
+
+    counts = np.bincount(draw(temperature=0.7), minlength=6) / len(keys)
     probs = np.exp(np.asarray(logits[0]) / 0.7)
     probs /= probs.sum()
     np.testing.assert_allclose(counts, probs, atol=0.015)
-    topk = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature=1.0, top_k=3)[0])(keys))
+    topk = draw(temperature=1.0, top_k=3)
     assert set(np.unique(topk)) == {0, 1, 2}
     p = np.exp(np.asarray(logits[0]))
     p /= p.sum()  # cumulative: 0.55, 0.75, 0.88, ... -> top_p=0.8 keeps the first three
-    topp = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, temperature=1.0, top_p=0.8)[0])(keys))
+    topp = draw(temperature=1.0, top_p=0.8)
     assert set(np.unique(topp)) == {0, 1, 2}
     kept = p[:3] / p[:3].sum()
     np.testing.assert_allclose(np.bincount(topp, minlength=3)[:3] / len(keys), kept, atol=0.015)

@@ -47,6 +47,16 @@ def from_hf(path, tensor: np.ndarray) -> np.ndarray:
     return tensor
 
 
+def hf_shape(path, shape) -> tuple[int, ...]:
+    """Shape of the HF tensor for our parameter of ``shape`` at ``path``."""
+    key = path_to_str(path)
+    if key.endswith(".kernel"):
+        return tuple(reversed(shape))
+    if key.endswith("conv1d.weight"):
+        return (shape[0], 1, shape[1])
+    return tuple(shape)
+
+
 def to_hf(path, array: np.ndarray) -> np.ndarray:
     """Our parameter -> HF tensor layout (inverse of :func:`from_hf`)."""
     key = path_to_str(path)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
-from mamba2_jax.convert.hf_layout import canonical_key, from_hf, hf_key, to_hf
+from mamba2_jax.convert.hf_layout import canonical_key, from_hf, hf_key, hf_shape, to_hf
 from mamba2_jax.convert.readers import read_tensors
 from mamba2_jax.nn.model import Mamba2ForCausalLM
 
@@ -67,14 +67,17 @@ def load_pretrained(path, *, dtype=None) -> Mamba2ForCausalLM:
     for path, var in flat:
         key = hf_key(path)
         if key not in tensors:
-            raise CheckpointError(f"{where}: missing key {key!r} (needed for a model with {config.num_hidden_layers} layers, tie_word_embeddings={config.tie_word_embeddings})")
-        arr = from_hf(path, tensors[key])
-        expected = tuple(var.value.shape)
-        if tuple(arr.shape) != expected:
-            raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but the config implies {expected} (in our layout; got {tuple(arr.shape)})")
-        var.value = jnp.asarray(arr, dtype=_param_dtype(path, dtype))
+            raise CheckpointError(f"{where}: missing key {key!r} (needed for a model with "
+                                  f"{config.num_hidden_layers} layers, tie_word_embeddings="
+                                  f"{config.tie_word_embeddings})")
+        expected = hf_shape(path, var.get_value().shape)
+        if tuple(tensors[key].shape) != expected:
+            raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but the "
+                                  f"config implies {expected}")
+        var.set_value(jnp.asarray(from_hf(path, tensors[key]), dtype=_param_dtype(path, dtype)))
         used.add(key)
-    unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    tied_copy = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(set(tensors) - used - tied_copy)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
         raise CheckpointError(f"{where}: {len(unexpected)} unexpected key(s) for this config: {shown}")
@@ -85,7 +88,7 @@ def hf_state_dict(model: Mamba2ForCausalLM) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named numpy arrays in HF layouts."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        out[hf_key(path)] = to_hf(path, np.asarray(jax.device_get(var.value)))
+        out[hf_key(path)] = to_hf(path, np.asarray(jax.device_get(var.get_value())))
     return out
 
 

@@ -32,7 +32,7 @@ class Mamba2Block(nnx.Module):
         return h.astype(jnp.float32) if self.residual_in_fp32 else h
 
     def __call__(self, h, *, state=None, return_state=False, impl="auto"):
-        x = self.norm(h.astype(self.norm.weight.dtype))
+        x = self.norm(h.astype(self.norm.weight[...].dtype))
         out = self.mixer(x, state=state, return_state=return_state, impl=impl)
         if return_state:
             out, state = out
@@ -40,7 +40,7 @@ class Mamba2Block(nnx.Module):
         return self._residual(h) + out
 
     def step(self, h, state, *, impl="auto"):
-        out, state = self.mixer.step(self.norm(h.astype(self.norm.weight.dtype)), state, impl=impl)
+        out, state = self.mixer.step(self.norm(h.astype(self.norm.weight[...].dtype)), state, impl=impl)
         return self._residual(h) + out, state
 
 
@@ -71,7 +71,7 @@ class Mamba2ForCausalLM(nnx.Module):
 
     @property
     def param_dtype(self):
-        return self.backbone.embeddings.embedding.dtype
+        return self.backbone.embeddings.embedding[...].dtype
 
     def _logits(self, h):
         h = self.backbone.norm_f(h)
@@ -79,7 +79,7 @@ class Mamba2ForCausalLM(nnx.Module):
             emb = self.backbone.embeddings.embedding[...]
             return jnp.einsum("...d,vd->...v", h.astype(emb.dtype), emb,
                               preferred_element_type=jnp.float32).astype(jnp.float32)
-        return self.lm_head(h.astype(self.lm_head.kernel.dtype)).astype(jnp.float32)
+        return self.lm_head(h.astype(self.lm_head.kernel[...].dtype)).astype(jnp.float32)
 
     def init_state(self, batch_size: int) -> ModelState:
         """The zero state of every layer (before any token)."""

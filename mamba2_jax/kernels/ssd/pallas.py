@@ -28,13 +28,13 @@ class SSDKernelConfig:
     chunk_size: int
     dt_softplus: bool = False
     dt_limit: tuple[float, float] = (0.0, float("inf"))
-    block_m: int = 64  # rows of y per program of the output kernel
-    block_k: int = 64  # tokens per step when accumulating a chunk's state
+    block_m: int = 64  # rows of y per block of the output kernel
+    block_k: int = 32  # tokens per step when accumulating a chunk's state
     block_p: int | None = None  # head-dim columns per program of the state kernels (None: all)
+    row_blocks: int = 4  # row blocks per program of the output kernel (4: a 256-chunk each)
     num_warps: int = 4
-    num_stages: int = 2
-    two_pass: bool = False  # chunk states in parallel, then a light sequential pass
-    precompute_cb: bool = True  # C.B^T once per group (batched matmul) instead of per head
+    num_stages: int = 3
+    two_pass: bool = True  # chunk states in parallel, then a light sequential pass
     interpret: bool = False
 
 
@@ -72,7 +72,7 @@ def _forward(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens
         block_m=min(cfg.block_m, cfg.chunk_size), block_k=min(cfg.block_k, cfg.chunk_size),
         block_p=None if cfg.block_p is None else min(cfg.block_p, x.shape[-1]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, two_pass=cfg.two_pass,
-        precompute_cb=cfg.precompute_cb,
+        row_blocks=cfg.row_blocks,
         interpret=cfg.interpret)
     return plan.from_chunks(y), plan.final_states(end, h0f), plan.chunk_states(end)
 

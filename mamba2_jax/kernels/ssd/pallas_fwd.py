@@ -97,48 +97,48 @@ def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, *, b
     lax.fori_loop(0, end_ref.shape[1], body, jnp.zeros((bp, end_ref.shape[-1]), jnp.float32))
 
 
-def _output_kernel(x_ref, B_ref, C_ref, cb_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref,
-                   end_ref, D_ref, z_ref, y_ref, *, q, bm, heads_per_group, fp32, has_z,
-                   d_per_channel, precomputed_cb):
-    hi, mb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref, end_ref,
+                   D_ref, z_ref, y_ref, *, q, bm, row_blocks, heads_per_group, fp32, has_z,
+                   d_per_channel):
+    hi, mg, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = end_ref.shape[1]
     bi, ci = bc // nc, bc % nc
     gi = hi // heads_per_group
-    rows = pl.ds(ci * q + mb * bm, bm)
-    Ci = C_ref[bi, rows, gi, :]  # [bm, n]
-    acum_i = acum_ref[bi, ci, hi, pl.ds(mb * bm, bm)]  # [bm]
-
-    # Inter-chunk term: the state entering this chunk, decayed to each row.
-    prev_end = end_ref[bi, jnp.maximum(ci - 1, 0), hi, :, :]  # [p, n]
-    prev = jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, :, :], prev_end)
-    Cs = (Ci.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(Ci.dtype)
-    acc = _dot(Cs, prev.astype(Ci.dtype), trans_b=True, fp32=fp32)  # [bm, p]
-
-    # Intra-chunk term, block by block up to the diagonal.
-    row_id = mb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
-
-    def body(jb, acc):
-        cols = pl.ds(ci * q + jb * bm, bm)
-        xj = x_ref[bi, cols, hi, :]  # [bm, p]
-        acum_j = acum_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
-        dt_j = dt_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
-        col_id = jb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
-        seg = jnp.where(col_id <= row_id, acum_i[:, None] - acum_j[None, :], -jnp.inf)
-        if precomputed_cb:  # C_i . B_j shared by the heads of a group
-            cb = cb_ref[bi, ci, gi, pl.ds(mb * bm, bm), pl.ds(jb * bm, bm)]
-        else:
-            cb = _dot(Ci, B_ref[bi, cols, gi, :], trans_b=True, fp32=fp32)
-        s = cb * jnp.exp(seg) * dt_j[None, :]
-        return acc + _dot(s.astype(xj.dtype), xj, fp32=fp32)
-
-    acc = lax.fori_loop(0, mb + 1, body, acc)
-
-    xi = x_ref[bi, rows, hi, :].astype(jnp.float32)
+    # The state entering this chunk (h0 at a sequence start), loaded once per program.
+    prev = jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, :, :],
+                     end_ref[bi, jnp.maximum(ci - 1, 0), hi, :, :])  # [p, n] float32
+    prev = prev.astype(C_ref.dtype)
     d = D_ref[hi, :] if d_per_channel else D_ref[hi]
-    y = acc + xi * d
-    if has_z:
-        y = y * jax.nn.silu(z_ref[bi, rows, hi, :].astype(jnp.float32))
-    y_ref[bi, rows, hi, :] = y.astype(y_ref.dtype)
+
+    def row_block(r, carry):
+        mb = mg * row_blocks + r
+        rows = pl.ds(ci * q + mb * bm, bm)
+        Ci = C_ref[bi, rows, gi, :]  # [bm, n]
+        acum_i = acum_ref[bi, ci, hi, pl.ds(mb * bm, bm)]  # [bm]
+        # Inter-chunk term: the entering state decayed to each row, read by C_i.
+        Cs = (Ci.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(Ci.dtype)
+        acc = _dot(Cs, prev, trans_b=True, fp32=fp32)  # [bm, p]
+        row_id = mb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+
+        def col_block(jb, acc):  # intra-chunk term, block by block up to the diagonal
+            cols = pl.ds(ci * q + jb * bm, bm)
+            xj = x_ref[bi, cols, hi, :]  # [bm, p]
+            acum_j = acum_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
+            dt_j = dt_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
+            col_id = jb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+            seg = jnp.where(col_id <= row_id, acum_i[:, None] - acum_j[None, :], -jnp.inf)
+            cb = _dot(Ci, B_ref[bi, cols, gi, :], trans_b=True, fp32=fp32)  # C_i . B_j
+            s = cb * jnp.exp(seg) * dt_j[None, :]
+            return acc + _dot(s.astype(xj.dtype), xj, fp32=fp32)
+
+        acc = lax.fori_loop(0, mb + 1, col_block, acc)
+        y = acc + x_ref[bi, rows, hi, :].astype(jnp.float32) * d
+        if has_z:
+            y = y * jax.nn.silu(z_ref[bi, rows, hi, :].astype(jnp.float32))
+        y_ref[bi, rows, hi, :] = y.astype(y_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, row_blocks, row_block, 0)
 
 
 class Decays(NamedTuple):
@@ -158,16 +158,6 @@ def chunk_decays(dt, A, chunk_size) -> Decays:
     to_end = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
     dtc = jnp.moveaxis(dt.reshape(b, L // q, q, h), 2, 3)
     return Decays(jnp.cumsum(a, axis=-1), to_end, jnp.sum(a, axis=-1), dtc)
-
-
-def chunk_cb(B, C, chunk_size, fp32):
-    """C_i . B_j inside every chunk, per group: [b, c, g, q, q] float32 (one batched matmul)."""
-    b, L, g, n = B.shape
-    q = chunk_size
-    shape = (b, L // q, q, g, n)
-    return jnp.einsum("bcign,bcjgn->bcgij", C.reshape(shape), B.reshape(shape),
-                      precision=lax.Precision.HIGHEST if fp32 else None,
-                      preferred_element_type=jnp.float32)
 
 
 def _launcher(interpret, num_warps, num_stages):
@@ -197,31 +187,33 @@ def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, blo
                 name="ssd_state_passing")(loc, dec.total, first, index, h0)
 
 
-def chunk_outputs(x, B, C, cb, dec: Decays, is_first, init_index, h0, end, D, z, *, chunk_size,
-                  block_m=64, num_warps=4, num_stages=2, interpret=False):
-    """y [b, c*q, h, p] from the chunk end states (kernel 2). ``cb`` None: recompute C.B^T."""
+def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, chunk_size,
+                  block_m=64, row_blocks=1, num_warps=4, num_stages=2, interpret=False):
+    """y [b, c*q, h, p] from the chunk end states (kernel 2); each program writes
+    ``row_blocks`` blocks of ``block_m`` rows of one chunk and head."""
     b, L, h, p = x.shape
     g = B.shape[-2]
     q = chunk_size
     bm = min(block_m, q)
+    row_blocks = min(row_blocks, q // bm)
     has_z = z is not None
     kernel = functools.partial(
-        _output_kernel, q=q, bm=bm, heads_per_group=h // g, fp32=x.dtype == jnp.float32,
-        has_z=has_z, d_per_channel=D.ndim == 2, precomputed_cb=cb is not None)
+        _output_kernel, q=q, bm=bm, row_blocks=row_blocks, heads_per_group=h // g,
+        fp32=x.dtype == jnp.float32, has_z=has_z, d_per_channel=D.ndim == 2)
     return _launcher(interpret, num_warps, num_stages)(
-        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(h, q // bm, b * (L // q)),
-        name="ssd_chunk_output")(
-        x, B, C, B if cb is None else cb, dec.dt, dec.acum, is_first.astype(jnp.int32),
-        init_index.astype(jnp.int32), h0, end, D.astype(jnp.float32), z if has_z else x)
+        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        grid=(h, q // bm // row_blocks, b * (L // q)), name="ssd_chunk_output")(
+        x, C, B, dec.dt, dec.acum, is_first.astype(jnp.int32), init_index.astype(jnp.int32), h0,
+        end, D.astype(jnp.float32), z if has_z else x)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "block_p",
-                                             "num_warps", "num_stages", "two_pass",
-                                             "precompute_cb", "interpret"))
+                                             "row_blocks", "num_warps", "num_stages", "two_pass",
+                                             "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_k: int = 64, block_p: int | None = None,
-                        num_warps: int = 4, num_stages: int = 2, two_pass: bool = False,
-                        precompute_cb: bool = True, interpret: bool = False):
+                        row_blocks: int = 1, num_warps: int = 4, num_stages: int = 2,
+                        two_pass: bool = True, interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
@@ -229,14 +221,12 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
     end states [b, c, h, p, n] float32). ``two_pass``: compute every chunk's own state in
     parallel, then pass states in a light sequential kernel (instead of one sequential kernel).
-    ``precompute_cb``: C.B^T once per group by one batched matmul, instead of per head.
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     dec = chunk_decays(dt, A, q)
     end = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
                        block_k=block_k, block_p=block_p, two_pass=two_pass, **launch)
-    cb = chunk_cb(B, C, q, x.dtype == jnp.float32) if precompute_cb else None
-    y = chunk_outputs(x, B, C, cb, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
-                      block_m=block_m, **launch)
+    y = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
+                      block_m=block_m, row_blocks=row_blocks, **launch)
     return y, end
