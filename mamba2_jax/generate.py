@@ -46,8 +46,7 @@ def _prefill(graphdef, params, input_ids, impl):
     return logits[:, -1], state
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "impl"),
-         donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "impl"))
 def _decode_loop(graphdef, params, state, logits, key, temperature, top_p, eos, pad, *,
                  max_new_tokens, greedy, top_k, impl):
     model = nnx.merge(graphdef, params)
