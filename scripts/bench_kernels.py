@@ -71,9 +71,14 @@ def ceilings(torch):
 
 
 def ssd_cost(b, l, h, p, g, n, q, itemsize=2):
-    """Minimal FLOPs (causal half of the intra-chunk products) and bytes (each input read once)."""
-    chunks = b * h * (l // q)
-    flops = chunks * (q * q * (n + p) + 4 * q * n * p)
+    """Minimal FLOPs and bytes of one forward.
+
+    FLOPs: C.B^T once per (chunk, group), causal half (q^2 n); per (chunk, head) the causal half
+    of (C.B^T * decay) @ x (q^2 p), the chunk state and the state read-out (2 q n p each).
+    Bytes: x, B, C, y in the input dtype, dt float32, final states float32, each moved once.
+    """
+    c = l // q
+    flops = b * c * (g * q * q * n + h * (q * q * p + 4 * q * n * p))
     bytes_ = (2 * b * l * h * p + 2 * b * l * g * n) * itemsize + b * l * h * 4 + b * h * p * n * 4
     return flops, bytes_
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import pytest
 
 from hf_oracle import make_hf_model
+
+# Tests compare float32 results with float32/float64 oracles: on a GPU, XLA's default float32
+# matmul precision (TF32-like) would blur that, so tests ask for full precision everywhere.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
