@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+import logging
+
 from mamba2_jax.kernels.common import check_dt_limit, resolve_impl
+from mamba2_jax.kernels.state_update.pallas_ssu import selective_state_update_pallas
 from mamba2_jax.kernels.state_update.reference import selective_state_update_ref
 from mamba2_jax.typing import Array
 
 _OP = "selective_state_update"
+log = logging.getLogger("mamba2_jax")
+
+
+def _pallas_unsupported(state, x, B) -> str | None:
+    p, n = x.shape[-1], B.shape[-1]
+    if p & (p - 1) or n & (n - 1):
+        return f"head_dim p={p} and state size n={n} must be powers of two"
+    return None
 
 
 def _expect(name, a, shape, letters):
@@ -95,7 +106,9 @@ def selective_state_update(
       state_batch_indices: [b] int slot of each row, or None (then slots == b, identity).
         A negative index marks a padding row: it reads a zero state (finite output) and writes
         nothing (indices >= slots likewise). Repeated valid indices are undefined.
-      impl: "auto" | "xla" | "pallas"; interpret: run a Pallas kernel in interpret mode.
+      impl: "auto" | "xla" | "pallas" (auto: Pallas on a GPU); interpret: run the Pallas kernel
+        in interpret mode. The Pallas kernel updates the pool in place when the caller donates
+        it (``jax.jit(..., donate_argnums=...)``); indices >= slots are undefined there.
 
     Returns:
       ``(y [b, h, p] in x.dtype, new pool [slots, h, p, n] in state.dtype)``; slots no row
@@ -103,7 +116,20 @@ def selective_state_update(
     """
     _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     dt_limit = check_dt_limit(_OP, dt_limit)
-    resolve_impl(impl, op=_OP, pallas_available=False, interpret=interpret)
+    backend = resolve_impl(impl, op=_OP, pallas_available=True, interpret=interpret)
+    if backend == "pallas":
+        reason = _pallas_unsupported(state, x, B)
+        if reason is None:
+            b, h = dt.shape
+            idx = (jnp.arange(b, dtype=jnp.int32) if state_batch_indices is None
+                   else state_batch_indices.astype(jnp.int32))
+            limit = None if dt_limit == (0.0, float("inf")) else dt_limit
+            return selective_state_update_pallas(
+                state, x, dt, A, B, C, jnp.zeros((h,), jnp.float32) if D is None else D,
+                jnp.zeros((h,), jnp.float32) if dt_bias is None else dt_bias, z, idx,
+                softplus=dt_softplus, limit=limit, interpret=interpret)
+        log.warning("%s: Pallas kernel cannot take this input (%s); using the XLA reference",
+                    _OP, reason)
     return selective_state_update_ref(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
         dt_limit=dt_limit, state_batch_indices=state_batch_indices)

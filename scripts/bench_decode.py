@@ -1,0 +1,122 @@
+"""Benchmark the decode-step selective state update on a GPU: ours (Pallas, in place on a donated
+pool) against mamba_ssm's Triton ``selective_state_update``, same inputs, same timer, same process.
+
+    python scripts/bench_decode.py --peers .peers --out benchmarks/results
+
+Timer: as ``bench_kernels.py`` (wall clock around back-to-back calls + sync, median), plus, for
+mamba_ssm, the replay of a captured CUDA graph. Achieved state bandwidth = 2 x (state bytes of
+the b rows) / time, reported against the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import ceilings, cuda_graph, timeit  # noqa: E402
+
+SHAPES = [(h, p, g, n, b) for (h, p, g, n) in ((80, 64, 1, 128), (128, 64, 8, 128))
+          for b in (1, 64, 256)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", default=".peers")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import triton
+
+    sys.path.insert(0, str(Path(args.peers).resolve()))
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as theirs_ssu
+
+    from mamba2_jax.kernels.state_update import selective_state_update
+
+    bandwidth, _ = ceilings(torch)
+    device = torch.cuda.get_device_name()
+    jsync = lambda out: jax.block_until_ready(out) if out is not None else None
+    tsync = lambda _: torch.cuda.synchronize()
+    rows = []
+    for h, p, g, n, b in SHAPES:
+        torch.manual_seed(0)
+        dev = dict(device="cuda")
+        slots = 2 * b
+        tstate = torch.randn(slots, h, p, n, dtype=torch.float32, **dev)
+        tx = torch.randn(b, h, p, dtype=torch.bfloat16, **dev)
+        tdt = torch.randn(b, h, dtype=torch.float32, **dev) - 1.0
+        tA = -torch.rand(h, dtype=torch.float32, **dev) * 4 - 0.5
+        tB = torch.randn(b, g, n, dtype=torch.bfloat16, **dev)
+        tC = torch.randn(b, g, n, dtype=torch.bfloat16, **dev)
+        tD = torch.randn(h, dtype=torch.float32, **dev)
+        tbias = torch.randn(h, dtype=torch.float32, **dev)
+        tidx = torch.randperm(slots, device="cuda")[:b].to(torch.int32)
+        x, dt, A, B, C, D, bias, idx = (jnp.from_dlpack(t) for t in (tx, tdt, tA, tB, tC, tD, tbias, tidx))
+        state = jnp.array(jnp.from_dlpack(tstate))  # our own copy of the pool (updated in place)
+
+        # mamba_ssm takes per-(head, channel) dt/A/D/dt_bias; expanded views (stride 0), as HF does.
+        e_dt = tdt[:, :, None].expand(b, h, p)
+        e_A = tA[:, None, None].expand(h, p, n)
+        e_D, e_bias = tD[:, None].expand(h, p), tbias[:, None].expand(h, p)
+
+        def theirs():
+            return theirs_ssu(tstate, tx, e_dt, e_A, tB, tC, D=e_D, dt_bias=e_bias,
+                              dt_softplus=True, state_batch_indices=tidx)
+
+        step = jax.jit(functools.partial(selective_state_update, dt_softplus=True, impl="pallas"),
+                       donate_argnums=0)
+        box = [state]
+
+        def ours():
+            y, box[0] = step(box[0], x, dt, A, B, C, D=D, dt_bias=bias, state_batch_indices=idx)
+            return y
+
+        y_ours = ours()
+        y_theirs = theirs()
+        err = float(jnp.linalg.norm(y_ours.astype(jnp.float32) - jnp.from_dlpack(y_theirs).astype(jnp.float32))
+                    / jnp.linalg.norm(jnp.from_dlpack(y_theirs).astype(jnp.float32)))
+        row = dict(shape=dict(h=h, p=p, g=g, n=n, b=b), first_step_rel_err=err)
+        row["ours_ms"] = timeit(ours, jsync, iters=50, reps=7)
+        row["mamba_ssm_ms"] = timeit(theirs, tsync, iters=50, reps=7)
+        try:
+            graph = cuda_graph(torch, theirs)
+            row["mamba_ssm_graph_ms"] = timeit(lambda: graph.replay(), tsync, iters=50, reps=7)
+        except Exception as e:
+            row["mamba_ssm_graph_ms"] = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+        state_bytes = 2 * b * h * p * n * 4
+        for k in ("ours", "mamba_ssm"):
+            row[f"{k}_bandwidth_fraction"] = state_bytes / (row[f"{k}_ms"] * 1e-3) / bandwidth
+        if isinstance(row["mamba_ssm_graph_ms"], float):
+            row["mamba_ssm_graph_bandwidth_fraction"] = state_bytes / (row["mamba_ssm_graph_ms"] * 1e-3) / bandwidth
+        rows.append(row)
+        print(json.dumps(row))
+
+    result = dict(op="selective_state_update", device=device, date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, triton=triton.__version__, torch=torch.__version__,
+                  copy_bandwidth_Bps=bandwidth, state_dtype="float32", x_dtype="bfloat16",
+                  timer="wall clock over back-to-back calls + sync, median", rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("ssu_" + device.replace(" ", "_") + ".json")).write_text(json.dumps(result, indent=2))
+    print("| h, p, g, n | b | mamba_ssm µs (graph) | ours µs | ours / copy bw | mamba_ssm graph / copy bw |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["shape"]
+        g_ms = r["mamba_ssm_graph_ms"]
+        print(f"| {s['h']}, {s['p']}, {s['g']}, {s['n']} | {s['b']} | {r['mamba_ssm_ms'] * 1e3:.1f} "
+              f"({g_ms * 1e3 if isinstance(g_ms, float) else float('nan'):.1f}) | {r['ours_ms'] * 1e3:.1f} | "
+              f"{r['ours_bandwidth_fraction']:.0%} | {r.get('mamba_ssm_graph_bandwidth_fraction', float('nan')):.0%} |")
+
+
+if __name__ == "__main__":
+    main()
