@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 TINY = dict(hidden_size=64, num_heads=8, head_dim=16, expand=2, state_size=16, conv_kernel=4,
             chunk_size=16, num_hidden_layers=2, vocab_size=96, layer_norm_epsilon=1e-5)
@@ -40,6 +41,10 @@ def make_hf_model(seed=0, **overrides):
     import transformers
 
     cfg = transformers.Mamba2Config(**{**TINY, **overrides})
+    version = tuple(int(v) for v in transformers.__version__.split(".")[:2])
+    if cfg.n_groups > 1 and version < (5, 23):
+        # Before 5.23 HF's gated RMSNorm normalises over all of d_inner, not per group: no oracle.
+        pytest.skip(f"transformers {transformers.__version__} has the grouped-norm bug (fixed in 5.23)")
     torch.manual_seed(seed)
     model = transformers.Mamba2ForCausalLM(cfg).eval()
     perturb_(model, seed + 1)
