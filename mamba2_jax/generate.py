@@ -8,6 +8,7 @@ afterwards, and the loop stops early once every sequence is done.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -57,7 +58,7 @@ def _decode_loop(graphdef, params, state, logits, key, temperature, top_p, eos, 
     def emit(step, tokens, done, logits, key):
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad, sample(logits, sub))
-        return tokens.at[:, step].set(tok), done | (tok == eos), tok, key
+        return tokens.at[:, step].set(tok), done | jnp.isin(tok, eos), tok, key
 
     tokens = jnp.full((b, max_new_tokens), pad, jnp.int32)
     tokens, done, tok, key = emit(0, tokens, jnp.zeros((b,), bool), logits, key)
@@ -78,13 +79,14 @@ def _decode_loop(graphdef, params, state, logits, key, temperature, top_p, eos, 
 
 def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | None = None, pad_token_id: int | None = None, seed: int = 0,
-             impl: str = "auto"):
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             seed: int = 0, impl: str = "auto"):
     """Generate ``max_new_tokens`` after equal-length prompts ``input_ids [b, l]``.
 
     Returns ``[b, l + max_new_tokens]`` int32: the prompt followed by the new tokens; after a
-    sequence emits ``eos_token_id`` its remaining positions hold ``pad_token_id`` (default: the
-    config's pad id, else the eos id, else 0). Greedy when ``temperature == 0``.
+    sequence emits ``eos_token_id`` (one id or several) its remaining positions hold
+    ``pad_token_id`` (default: the config's pad id, else the first eos id, else 0). Greedy when
+    ``temperature == 0``.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
@@ -98,16 +100,18 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
         raise ValueError(f"generate: top_k must be in [1, vocab_size], got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    eos = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id])
     if pad_token_id is None:
         pad_token_id = model.config.pad_token_id
     if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
-    eos = -1 if eos_token_id is None else eos_token_id
+        pad_token_id = eos[0] if eos else 0
 
     graphdef, params = nnx.split(model)
     logits, state = _prefill(graphdef, params, input_ids, impl)
     new = _decode_loop(
         graphdef, params, state, logits, jax.random.key(seed), jnp.float32(temperature),
-        None if top_p is None else jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_token_id),
+        None if top_p is None else jnp.float32(top_p), jnp.asarray(eos or [-1], jnp.int32),
+        jnp.int32(pad_token_id),
         max_new_tokens=max_new_tokens, greedy=temperature == 0.0, top_k=top_k, impl=impl)
     return jnp.concatenate([input_ids, new], axis=1)

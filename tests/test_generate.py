@@ -84,3 +84,15 @@ def test_generate_errors(model):
         generate(model, ids, 3, temperature=1.0, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, ids, 3, temperature=1.0, top_p=1.5)
+
+
+def test_several_eos_ids(model):
+    prompt = np.random.default_rng(2).integers(0, 64, (3, 4))
+    free = np.asarray(generate(model, prompt, 8))
+    eos = [int(free[0, 4 + 1]), int(free[1, 4 + 2])]
+    out = np.asarray(generate(model, prompt, 8, eos_token_id=eos))
+    for row, free_row in zip(out[:, 4:], free[:, 4:]):
+        hits = np.flatnonzero(np.isin(free_row, eos))
+        stop = hits[0] + 1 if hits.size else len(free_row)
+        np.testing.assert_array_equal(row[:stop], free_row[:stop])
+        assert (row[stop:] == CFG.pad_token_id).all()

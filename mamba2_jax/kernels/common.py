@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -57,3 +58,32 @@ def check_dt_limit(op: str, dt_limit) -> tuple[float, float]:
     if not lo <= hi:
         raise ValueError(f"{op}: dt_limit must have lo <= hi, got {dt_limit!r}")
     return lo, hi
+
+
+def check_cu_seqlens(op: str, cu_seqlens, num_tokens: int) -> None:
+    """``cu_seqlens`` must be integer offsets [nseq + 1] from 0 to ``num_tokens``, non-decreasing.
+
+    The values are checked when they are concrete; under ``jax.jit`` (traced) only dtype and
+    shape can be, and the caller is responsible for the values.
+    """
+    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
+        raise ValueError(f"{op}: cu_seqlens must be an integer array, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{op}: cu_seqlens must be [nseq + 1] with nseq >= 1, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if isinstance(cu_seqlens, jax.core.Tracer):
+        return
+    cu = np.asarray(cu_seqlens)
+    if cu[0] != 0 or cu[-1] != num_tokens or np.any(np.diff(cu) < 0):
+        raise ValueError(f"{op}: cu_seqlens must rise from 0 to the {num_tokens} packed tokens "
+                         f"without decreasing, got {cu.tolist()}")
+
+
+def check_chunk_size(op: str, chunk_size) -> int:
+    """A positive power of two (Python or numpy integer, not bool)."""
+    if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+        raise ValueError(f"{op}: chunk_size must be a positive power of two, got {chunk_size!r}")
+    q = int(chunk_size)
+    if q < 1 or q & (q - 1):
+        raise ValueError(f"{op}: chunk_size must be a positive power of two, got {chunk_size!r}")
+    return q

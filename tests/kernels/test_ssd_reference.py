@@ -229,3 +229,18 @@ def test_errors():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             ssd_chunk_scan(x, dt, A, B, C, chunk_size=4, impl="pallas")
+
+
+def test_bad_cu_seqlens_and_chunk_size():
+    rng = np.random.default_rng(8)
+    v = make_inputs(rng, 1, 12, 4, 4, 2, 4)
+    args = (v["x"], v["dt"], v["A"], v["B"], v["C"])
+    for cu in ([0, 5, 9], [0, 7, 5, 12], [1, 12]):  # short of l, decreasing, not from 0
+        with pytest.raises(ValueError, match="cu_seqlens must rise"):
+            ssd_chunk_scan(*args, chunk_size=4, cu_seqlens=jnp.asarray(cu, jnp.int32))
+    with pytest.raises(ValueError, match="integer"):
+        ssd_chunk_scan(*args, chunk_size=4, cu_seqlens=jnp.asarray([0.0, 12.0]))
+    with pytest.raises(ValueError, match="power of two"):
+        ssd_chunk_scan(*args, chunk_size=True)
+    y = ssd_chunk_scan(*args, chunk_size=np.int64(4))  # numpy integers are fine
+    np.testing.assert_array_equal(y, ssd_chunk_scan(*args, chunk_size=4))

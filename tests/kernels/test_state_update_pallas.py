@@ -91,3 +91,12 @@ def test_gpu_real_sizes(b, h, g):
     v = inputs(b, b=b, h=h, p=64, g=g, n=128, slots=2 * b + 1, x_dtype=jnp.bfloat16)
     (y, pool), (y_ref, pool_ref) = both(v, D=v["D"], z=v["z"])
     assert rel(y, y_ref) < 1e-2 and rel(pool, pool_ref) < 1e-5
+
+
+def test_out_of_range_slot_is_a_padding_row_like_the_reference():
+    v = inputs(8, b=3, h=4, p=16, g=1, n=16, slots=5)
+    v["idx"] = jnp.asarray([0, 7, 2], jnp.int32)  # 7 >= slots
+    (y, pool), (y_ref, pool_ref) = both(v)
+    assert rel(y, y_ref) < 1e-5
+    np.testing.assert_array_equal(np.asarray(pool)[[1, 3, 4]], np.asarray(v["state"])[[1, 3, 4]])
+    assert rel(pool, pool_ref) < 1e-6

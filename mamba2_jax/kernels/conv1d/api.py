@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mamba2_jax.kernels.common import resolve_impl
+from mamba2_jax.kernels.common import check_cu_seqlens, resolve_impl
 from mamba2_jax.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from mamba2_jax.typing import Array
 
@@ -94,12 +94,7 @@ def causal_conv1d(
     else:
         if x.ndim != 2:
             raise ValueError(f"{op}: with cu_seqlens, x must be packed [t, c], got {_shape(x)}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"{op}: cu_seqlens must be [nseq + 1] with nseq >= 1, "
-                             f"got {_shape(cu_seqlens)}")
-        if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
-            raise ValueError(f"{op}: cu_seqlens must be an integer array, "
-                             f"got dtype {cu_seqlens.dtype}")
+        check_cu_seqlens(op, cu_seqlens, x.shape[0])
         nseq = cu_seqlens.shape[0] - 1
     c = x.shape[-1]
     _check_weight_bias(op, weight, bias, c)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from mamba2_jax.kernels.common import check_dt_limit, resolve_impl
+from mamba2_jax.kernels.common import (check_chunk_size, check_cu_seqlens, check_dt_limit,
+                                       resolve_impl)
 from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, pallas_unsupported, ssd_pallas
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
 
@@ -39,16 +40,12 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seql
     _expect("dt_bias", dt_bias, (h,))
     if D is not None and tuple(D.shape) not in ((h,), (h, p)):
         raise ValueError(f"{_OP}: D must have shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"{_OP}: chunk_size must be a positive power of two, got {chunk_size!r}")
     if cu_seqlens is None:
         _expect("initial_states", initial_states, (b, h, p, n))
         return
     if b != 1:
         raise ValueError(f"{_OP}: packed input (cu_seqlens) needs batch 1, got x of shape {tuple(x.shape)}")
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"{_OP}: cu_seqlens must be [nseq + 1] with nseq >= 1, got shape "
-                         f"{tuple(cu_seqlens.shape)}")
+    check_cu_seqlens(_OP, cu_seqlens, l)
     _expect("initial_states", initial_states, (cu_seqlens.shape[0] - 1, h, p, n))
 
 
@@ -82,7 +79,8 @@ def ssd_chunk_scan(
       D: [h] or [h, p] skip; z: [b, l, h, p] gate (y *= silu(z)); dt_bias: [h];
         dt_softplus / dt_limit: ``dt = clip(softplus(dt + dt_bias), *dt_limit)``.
       initial_states: [b, h, p, n], or [nseq, h, p, n] with ``cu_seqlens``.
-      cu_seqlens: [nseq + 1] int offsets of packed sequences; the state resets at each start.
+      cu_seqlens: [nseq + 1] int offsets of packed sequences, from 0 to l, non-decreasing
+        (checked when concrete); the state resets at each start.
       return_final_states / return_chunk_states: also return the state after each sequence and
         after every chunk (see ``ssd_chunk_scan_ref``).
       impl: "auto" | "xla" | "pallas" (auto: Pallas on a GPU, XLA elsewhere; shapes the kernel
@@ -90,6 +88,7 @@ def ssd_chunk_scan(
         interpret mode (CPU). Gradients of the Pallas path come from the XLA reference
         (``mamba2_jax.kernels.ssd.pallas.BACKWARD == "xla"``).
     """
+    chunk_size = check_chunk_size(_OP, chunk_size)
     _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens)
     dt_limit = check_dt_limit(_OP, dt_limit)
     backend = resolve_impl(impl, op=_OP, pallas_available=True, interpret=interpret)

@@ -28,7 +28,7 @@ class VarlenChunks(NamedTuple):
 def varlen_chunk_layout(cu_seqlens, chunk_size: int, num_tokens: int) -> VarlenChunks:
     """Chunks that never straddle a sequence, for packed tokens ``[cu[s], cu[s+1])``.
 
-    Returns per-chunk arrays of the static length ``(t + nseq (q - 1)) // q`` (an upper bound
+    Returns per-chunk arrays of the static length ``max((t + nseq (q - 1)) // q, 1)`` (an upper bound
     on ``sum_s ceil(len_s / q)``): ``seq`` (owning sequence), ``start``/``end`` (token range),
     ``is_first`` (first chunk of its sequence), ``valid`` (a real chunk, not trailing padding),
     and ``first_chunk [nseq + 1]`` (index of each sequence's first chunk; the last entry is

@@ -7,7 +7,7 @@ With ``a = dt * A`` and ``acum`` its cumsum inside each chunk (computed in XLA, 
        S <- h0[init_index[c]]                               if is_first[c]
        S <- exp(total_c) S + sum_j exp(to_end_j) dt_j x_j B_j^T   (to_end_j = a_{j+1} + .. + a_{q-1})
    and writes the state leaving every chunk, ``end [b, c, h, p, n]`` (float32).
-2. ``_output_kernel``, grid (h, q / bm, b*c), fully parallel (flash-attention shaped; heads
+2. ``_output_kernel``, grid (h, q / (bm * row_blocks), b*c), fully parallel (flash-attention shaped; heads
    vary fastest so programs running together share one chunk's B, C and x in L2):
        y_i = exp(acum_i) C_i S_prev + sum_{j <= i} (C_i . B_j) exp(acum_i - acum_j) dt_j x_j
              + D x_i,   then y_i *= silu(z_i)
@@ -165,8 +165,8 @@ def _launcher(interpret, num_warps, num_stages):
         num_warps=num_warps, num_stages=num_stages))
 
 
-def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, block_k=64,
-                 block_p=None, two_pass=False, num_warps=4, num_stages=2, interpret=False):
+def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, block_k=32,
+                 block_p=None, two_pass=True, num_warps=4, num_stages=3, interpret=False):
     """The state leaving every chunk: [b, c, h, p, n] float32 (kernels 1 / 1a + 1b)."""
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
@@ -188,7 +188,7 @@ def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, blo
 
 
 def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, chunk_size,
-                  block_m=64, row_blocks=1, num_warps=4, num_stages=2, interpret=False):
+                  block_m=64, row_blocks=4, num_warps=4, num_stages=3, interpret=False):
     """y [b, c*q, h, p] from the chunk end states (kernel 2); each program writes
     ``row_blocks`` blocks of ``block_m`` rows of one chunk and head."""
     b, L, h, p = x.shape
@@ -211,8 +211,8 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
                                              "row_blocks", "num_warps", "num_stages", "two_pass",
                                              "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
-                        block_m: int = 64, block_k: int = 64, block_p: int | None = None,
-                        row_blocks: int = 1, num_warps: int = 4, num_stages: int = 2,
+                        block_m: int = 64, block_k: int = 32, block_p: int | None = None,
+                        row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
                         two_pass: bool = True, interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 

@@ -205,16 +205,18 @@ def ssd_sequential_ref(
         t = jnp.arange(l)
         seq_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), nseq - 1)
         starts = t == cu[seq_t]
+        inside = t < cu[-1]
 
         def step(carry, v):
             s, finals = carry
-            start, seq, dt_t, x_t, B_t, C_t = v
+            start, seq, ok, dt_t, x_t, B_t, C_t = v
             s = jnp.where(start, h0[seq], s)
             s, y_t = token(s, dt_t, x_t, B_t, C_t)
-            return (s, finals.at[seq].set(s)), y_t
+            finals = jnp.where(ok, finals.at[seq].set(s), finals)
+            return (s, finals), jnp.where(ok, y_t, 0.0)
 
         init = (jnp.zeros((h, p, n), jnp.float32), h0)
-        (_, final), y = lax.scan(step, init, (starts, seq_t, dtf[0], xf[0], Bh[0], Ch[0]))
+        (_, final), y = lax.scan(step, init, (starts, seq_t, inside, dtf[0], xf[0], Bh[0], Ch[0]))
         y = y[None]
     y = _skip_and_gate(y, xf, D, z).astype(x.dtype)
     return y, final

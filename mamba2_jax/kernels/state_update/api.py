@@ -11,9 +11,9 @@ pool keeps its dtype (float32 or bfloat16).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 import logging
+
+import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import check_dt_limit, resolve_impl
 from mamba2_jax.kernels.state_update.pallas_ssu import selective_state_update_pallas
@@ -26,7 +26,7 @@ log = logging.getLogger("mamba2_jax")
 
 def _pallas_unsupported(state, x, B) -> str | None:
     p, n = x.shape[-1], B.shape[-1]
-    if p & (p - 1) or n & (n - 1):
+    if p < 1 or n < 1 or p & (p - 1) or n & (n - 1):
         return f"head_dim p={p} and state size n={n} must be powers of two"
     return None
 
@@ -108,7 +108,7 @@ def selective_state_update(
         nothing (indices >= slots likewise). Repeated valid indices are undefined.
       impl: "auto" | "xla" | "pallas" (auto: Pallas on a GPU); interpret: run the Pallas kernel
         in interpret mode. The Pallas kernel updates the pool in place when the caller donates
-        it (``jax.jit(..., donate_argnums=...)``); indices >= slots are undefined there.
+        it (``jax.jit(..., donate_argnums=...)``).
 
     Returns:
       ``(y [b, h, p] in x.dtype, new pool [slots, h, p, n] in state.dtype)``; slots no row

@@ -4,8 +4,8 @@ Grid (b, h, p / bp): program (r, j, pb) reads slot ``idx[r]`` rows ``pb*bp : (pb
 j, applies ``s' = exp(dt A_j) s + dt x B^T``, writes ``y = s' C + D x`` (gated by silu(z)) and
 stores ``s'`` back into the same slot. The pool is aliased input -> output
 (``input_output_aliases``), so under ``jax.jit`` with the pool donated no copy is made and slots
-no row names keep their contents. A negative slot is a padding row: it reads a zero state and
-stores nothing. Dtype policy as the reference: float32 arithmetic, ``y`` in ``x.dtype``, the pool
+no row names keep their contents. A negative slot (or one >= slots) is a padding row: it reads a
+zero state and stores nothing, as in the reference. Dtype policy as the reference: float32 arithmetic, ``y`` in ``x.dtype``, the pool
 keeps its dtype.
 """
 
@@ -29,7 +29,7 @@ def _ssu_kernel(idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, b
     g = j // heads_per_group
     ps = pl.ds(pb * bp, bp)
     slot = idx_ref[r]
-    valid = slot >= 0
+    valid = (slot >= 0) & (slot < state_ref.shape[0])
     s = state_ref[jnp.maximum(slot, 0), j, ps, :].astype(jnp.float32)  # [bp, n]
     s = jnp.where(valid, s, 0.0)
     dt = dt_ref[r, j] + bias_ref[j]
