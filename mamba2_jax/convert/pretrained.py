@@ -21,7 +21,7 @@ from flax import nnx
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
 from mamba2_jax.convert.hf_layout import canonical_key, from_hf, hf_key, hf_shape, to_hf
-from mamba2_jax.convert.readers import read_tensors
+from mamba2_jax.convert.readers import find_weights, read_tensors
 from mamba2_jax.nn.model import Mamba2ForCausalLM
 
 FLOAT32_PARAMS = ("A_log", "D", "dt_bias")  # per-head SSM parameters stay float32
@@ -36,13 +36,6 @@ def abstract_model(config: Mamba2Config, dtype=jnp.float32):
     return nnx.eval_shape(lambda: Mamba2ForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def _weights_name(directory: Path) -> str:
-    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
-        if (directory / name).exists():
-            return str(directory / name)
-    return str(directory)
-
-
 def load_pretrained(path, *, dtype=None) -> Mamba2ForCausalLM:
     """Load a Mamba-2 LM from an HF or mamba_ssm checkpoint directory.
 
@@ -55,7 +48,7 @@ def load_pretrained(path, *, dtype=None) -> Mamba2ForCausalLM:
         raise CheckpointError(f"{directory}: not a directory (expected config.json + weights)")
     config = Mamba2Config.from_pretrained(directory)
     tensors = {canonical_key(k): v for k, v in read_tensors(directory).items()}
-    where = _weights_name(directory)
+    where = find_weights(directory)
     if dtype is None:
         emb = tensors.get("backbone.embeddings.weight")
         dtype = emb.dtype if emb is not None else np.float32
