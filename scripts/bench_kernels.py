@@ -66,7 +66,6 @@ def ceilings(torch):
     copy_ms = timeit(lambda: b.copy_(a), sync, iters=10, reps=5)
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = timeit(lambda: m @ m, sync, iters=10, reps=5)
-    del a, b
     return 2 * (2 << 30) / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
 
 
@@ -257,8 +256,6 @@ def main():
         row["ratio_fwd_bwd"] = row["mamba_ssm_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
         rows.append(row)
         print(json.dumps(row))
-        del tx, tdt, tB, tC, tdy, x, dt, B, C, dy, leaves
-        torch.cuda.empty_cache()
 
     result = dict(
         op="ssd_chunk_scan", device=device, date=datetime.date.today().isoformat(),
