@@ -1,8 +1,8 @@
 """SSD through the Pallas kernels: layout, supported shapes, and the custom VJP.
 
-The forward runs the two kernels of ``pallas_fwd.py`` on the chunk layout of ``layout.py``.
-The backward is, for now, the named fallback ``backward="xla"``: ``jax.vjp`` of the pure-JAX
-reference (a recompute), not a Pallas kernel.
+The forward runs the kernels of ``pallas_fwd.py`` (chunk states, state passing, chunk outputs)
+on the chunk layout of ``layout.py``. The backward is, for now, the named fallback
+``BACKWARD == "xla"``: ``jax.vjp`` of the pure-JAX reference (a recompute), not a Pallas kernel.
 """
 
 from __future__ import annotations
