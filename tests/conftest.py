@@ -10,6 +10,8 @@ from hf_oracle import make_hf_model
 # Tests compare float32 results with float32/float64 oracles: on a GPU, XLA's default float32
 # matmul precision (TF32-like) would blur that, so tests ask for full precision everywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Sharding tests need several devices: 8 fake CPU devices (computations default to device 0).
+jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture

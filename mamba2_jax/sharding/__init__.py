@@ -1,5 +1,8 @@
-"""Tensor-parallel sharding of the Mamba-2 mixer (``layout``: pure-numpy layout of the fused projections)."""
+"""SPMD sharding: the mesh (``mesh``), logical-axis rules (``rules``) and the tensor-parallel
+layout of the fused projections (``layout``, pure numpy)."""
 
+from mamba2_jax.sharding.mesh import MESH_AXES, make_mesh
+from mamba2_jax.sharding.rules import RULES, logical_to_spec, named_sharding
 from mamba2_jax.sharding.layout import (
     LocalSizes,
     check_tp,
@@ -18,6 +21,11 @@ from mamba2_jax.sharding.layout import (
 )
 
 __all__ = [
+    "MESH_AXES",
+    "RULES",
+    "logical_to_spec",
+    "make_mesh",
+    "named_sharding",
     "LocalSizes",
     "check_tp",
     "conv_shard_rows",
