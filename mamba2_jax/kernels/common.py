@@ -87,3 +87,28 @@ def check_chunk_size(op: str, chunk_size) -> int:
     if q < 1 or q & (q - 1):
         raise ValueError(f"{op}: chunk_size must be a positive power of two, got {chunk_size!r}")
     return q
+
+
+def read_slots(pool, indices):
+    """Rows ``pool[indices[r]]`` in float32 (the whole pool when ``indices`` is None).
+
+    A row whose index is outside ``[0, slots)`` (vLLM marks padding with -1) reads zeros.
+    """
+    if indices is None:
+        return pool.astype(jnp.float32)
+    idx = indices.astype(jnp.int32)
+    valid = (idx >= 0) & (idx < pool.shape[0])
+    rows = pool[jnp.where(valid, idx, 0)]
+    return jnp.where(valid.reshape((-1,) + (1,) * (rows.ndim - 1)), rows, 0).astype(jnp.float32)
+
+
+def write_slots(pool, indices, rows):
+    """``pool`` with ``rows`` (cast to the pool dtype) stored at ``indices``; rows whose index is
+    outside ``[0, slots)`` are dropped. ``indices`` None: ``rows`` is the new pool."""
+    rows = rows.astype(pool.dtype)
+    if indices is None:
+        return rows
+    idx = indices.astype(jnp.int32)
+    slots = pool.shape[0]
+    target = jnp.where((idx >= 0) & (idx < slots), idx, slots)  # out of range: write dropped
+    return pool.at[target].set(rows, mode="drop")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mamba2_jax.kernels.common import read_slots, write_slots
 from mamba2_jax.typing import Array
 
 _F32 = jnp.float32
@@ -132,18 +133,7 @@ def causal_conv1d_update_ref(
     index is outside ``[0, slots)`` (vLLM marks padding with -1) reads a zero state and writes
     nothing. Returns ``(y [b, c] in x.dtype, new pool in conv_state.dtype)``.
     """
-    if conv_state_indices is None:
-        state = conv_state.astype(_F32)
-    else:
-        slots = conv_state.shape[0]
-        idx = conv_state_indices.astype(jnp.int32)
-        valid = (idx >= 0) & (idx < slots)
-        state = jnp.where(valid[:, None, None], conv_state[jnp.where(valid, idx, 0)], 0)
-        state = state.astype(_F32)
+    state = read_slots(conv_state, conv_state_indices)
     window = jnp.concatenate([state, x.astype(_F32)[:, :, None]], axis=-1)  # [b, c, k]
     y = _conv_windows(window, weight, bias, activation).astype(x.dtype)
-    rows = window[..., 1:].astype(conv_state.dtype)
-    if conv_state_indices is None:
-        return y, rows
-    target = jnp.where(valid, idx, slots)  # out of range: the write is dropped
-    return y, conv_state.at[target].set(rows, mode="drop")
+    return y, write_slots(conv_state, conv_state_indices, window[..., 1:])

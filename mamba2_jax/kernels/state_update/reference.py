@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mamba2_jax.kernels.common import process_dt
+from mamba2_jax.kernels.common import process_dt, read_slots, write_slots
 from mamba2_jax.typing import Array
 
 _F32 = jnp.float32
@@ -48,14 +48,7 @@ def selective_state_update_ref(
     b, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    if state_batch_indices is None:
-        s = state.astype(_F32)
-    else:
-        slots = state.shape[0]
-        idx = state_batch_indices.astype(jnp.int32)
-        valid = (idx >= 0) & (idx < slots)
-        s = jnp.where(valid[:, None, None, None], state[jnp.where(valid, idx, 0)], 0)
-        s = s.astype(_F32)
+    s = read_slots(state, state_batch_indices)
 
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # [b, h]
     dA = jnp.exp(dt * A.astype(_F32))  # [b, h]
@@ -73,9 +66,4 @@ def selective_state_update_ref(
     if z is not None:
         y = y * jax.nn.silu(z.astype(_F32))
 
-    rows = sg.reshape(b, h, p, n).astype(state.dtype)
-    y = y.astype(x.dtype)
-    if state_batch_indices is None:
-        return y, rows
-    target = jnp.where(valid, idx, slots)  # out of range: the write is dropped
-    return y, state.at[target].set(rows, mode="drop")
+    return y.astype(x.dtype), write_slots(state, state_batch_indices, sg.reshape(b, h, p, n))
