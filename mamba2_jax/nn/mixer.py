@@ -124,20 +124,22 @@ class MambaMixer2(nnx.Module):
         c = self.config
         z, xbc, dt = self._project(u, mup_vector)
         weight, bias = self._conv_params()
-        xbc, conv_state = causal_conv1d(
+        conv = causal_conv1d(
             xbc, weight, bias, initial_states=None if state is None else state.conv,
-            activation="silu", return_final_states=True, impl=impl)
-        x, B, C = self._split_xbc(xbc)
+            activation="silu", return_final_states=return_state, impl=impl)
+        xbc_act, conv_state = conv if return_state else (conv, None)
+        x, B, C = self._split_xbc(xbc_act)
         A, D = self._ssm_params()
-        y, ssm_state = ssd_chunk_scan(
+        scan = ssd_chunk_scan(
             x, dt, A, B, C, chunk_size=c.chunk_size, D=D, dt_bias=self.dt_bias[...],
             dt_softplus=True, dt_limit=c.time_step_limit,
             initial_states=None if state is None else state.ssm,
-            return_final_states=True, impl=impl)
-        out = self._finish(y, z)
-        if not return_state:
-            return out
-        return out, MixerState(conv_state.astype(xbc.dtype), ssm_state.astype(c.ssm_state_dtype))
+            return_final_states=return_state, impl=impl)
+        if not return_state:  # the final states are only computed when asked for
+            return self._finish(scan, z)
+        y, ssm_state = scan
+        return self._finish(y, z), MixerState(conv_state.astype(xbc.dtype),
+                                              ssm_state.astype(c.ssm_state_dtype))
 
     def step(self, u, state: MixerState, *, mup_vector=None, impl: str = "auto"):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""
