@@ -17,12 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
-from mamba2_jax.convert.hf_layout import canonical_key, from_hf, hf_key, hf_shape, to_hf
+from mamba2_jax.convert.hf_layout import (
+    canonical_key, from_hf, hf_key, hf_shape, path_to_str, to_hf)
 from mamba2_jax.convert.readers import find_weights, read_tensors
 from mamba2_jax.nn.model import Mamba2ForCausalLM
+from mamba2_jax.sharding.layout import check_tp
+from mamba2_jax.sharding.params import layout_param, param_sharding, unlayout_param
 
 FLOAT32_PARAMS = ("A_log", "D", "dt_bias")  # per-head SSM parameters stay float32
 
@@ -31,43 +35,51 @@ def _param_dtype(path, dtype):
     return jnp.float32 if str(path[-1]) in FLOAT32_PARAMS else dtype
 
 
-def abstract_model(config: Mamba2Config, dtype=jnp.float32):
+def abstract_model(config: Mamba2Config, dtype=jnp.float32, mesh=None):
     """The model's structure with ShapeDtypeStruct leaves (no memory, no init cost)."""
-    return nnx.eval_shape(lambda: Mamba2ForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Mamba2ForCausalLM(config, param_dtype=dtype, rngs=nnx.Rngs(0),
+                                                    mesh=mesh))
 
 
-def load_pretrained(path, *, dtype=None) -> Mamba2ForCausalLM:
-    """Load a Mamba-2 LM from an HF or mamba_ssm checkpoint directory.
+def _tp(mesh) -> int:
+    return 1 if mesh is None else mesh.shape.get("tensor", 1)
 
-    ``dtype``: parameter dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the checkpoint's dtype
-    (that of the embedding). ``A_log``, ``D`` and ``dt_bias`` are always float32. The returned
-    model has ``.config``.
+
+def model_from_tensors(config: Mamba2Config, tensors, *, dtype, mesh=None, where="checkpoint",
+                       progress: bool = False) -> Mamba2ForCausalLM:
+    """Build a model from HF-named, HF-layout numpy ``tensors`` (laid out and placed for ``mesh``).
+
+    Every parameter must be present with the shape ``config`` implies; any key left over is an
+    error (except the tied ``lm_head.weight`` copy mamba_ssm writes). ``CheckpointError`` names
+    ``where`` and the key.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory (expected config.json + weights)")
-    config = Mamba2Config.from_pretrained(directory)
-    tensors = {canonical_key(k): v for k, v in read_tensors(directory).items()}
-    where = find_weights(directory)
-    if dtype is None:
-        emb = tensors.get("backbone.embeddings.weight")
-        dtype = emb.dtype if emb is not None else np.float32
     dtype = jnp.dtype(dtype)
-
-    graphdef, state = nnx.split(abstract_model(config, dtype))
+    tp = _tp(mesh)
+    if mesh is not None:
+        try:
+            check_tp(config, tp)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    natural = dict(nnx.to_flat_state(nnx.state(abstract_model(config, dtype), nnx.Param)))
+    graphdef, state = nnx.split(abstract_model(config, dtype, mesh))
     flat = nnx.to_flat_state(state)
     used = set()
-    for path, var in flat:
+    for path, var in tqdm(flat, desc="loading", unit="tensor", disable=not progress):
         key = hf_key(path)
+        if not isinstance(var, nnx.Param):
+            continue
         if key not in tensors:
             raise CheckpointError(f"{where}: missing key {key!r} (needed for a model with "
                                   f"{config.num_hidden_layers} layers, tie_word_embeddings="
                                   f"{config.tie_word_embeddings})")
-        expected = hf_shape(path, var.get_value().shape)
+        expected = hf_shape(path, natural[path].get_value().shape)
         if tuple(tensors[key].shape) != expected:
             raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but the "
                                   f"config implies {expected}")
-        var.set_value(jnp.asarray(from_hf(path, tensors[key]), dtype=_param_dtype(path, dtype)))
+        value = np.asarray(from_hf(path, tensors[key])).astype(_param_dtype(path, dtype))
+        value = layout_param(path_to_str(path), value, config, tp)
+        var.set_value(jnp.asarray(value) if mesh is None else
+                      jax.device_put(value, param_sharding(var, mesh)))
         used.add(key)
     tied_copy = {"lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(set(tensors) - used - tied_copy)
@@ -77,11 +89,38 @@ def load_pretrained(path, *, dtype=None) -> Mamba2ForCausalLM:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def hf_state_dict(model: Mamba2ForCausalLM) -> dict[str, np.ndarray]:
-    """The model's parameters as HF-named numpy arrays in HF layouts."""
+def load_pretrained(path, *, dtype=None, mesh=None, progress: bool = False) -> Mamba2ForCausalLM:
+    """Load a Mamba-2 LM from an HF, mamba_ssm or mamba2-jax orbax checkpoint directory.
+
+    ``dtype``: parameter dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the checkpoint's dtype
+    (that of the embedding). ``A_log``, ``D`` and ``dt_bias`` are always float32. ``mesh``: lay
+    the parameters out for its ``"tensor"`` size (group duplication included) and place each
+    with its NamedSharding. The returned model has ``.config`` and ``.mesh``.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected config.json + weights)")
+    from mamba2_jax.convert import orbax_format
+    if orbax_format.is_orbax_checkpoint(directory):
+        return orbax_format.load(directory, dtype=dtype, mesh=mesh, progress=progress)
+    config = Mamba2Config.from_pretrained(directory)
+    tensors = {canonical_key(k): v for k, v in read_tensors(directory).items()}
+    if dtype is None:
+        emb = tensors.get("backbone.embeddings.weight")
+        dtype = emb.dtype if emb is not None else np.float32
+    return model_from_tensors(config, tensors, dtype=dtype, mesh=mesh,
+                              where=str(find_weights(directory)), progress=progress)
+
+
+def hf_state_dict(model: Mamba2ForCausalLM, *, progress: bool = False) -> dict[str, np.ndarray]:
+    """The model's parameters as HF-named numpy arrays in HF layouts (tp layout undone)."""
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        out[hf_key(path)] = to_hf(path, np.asarray(jax.device_get(var.get_value())))
+    tp = _tp(model.mesh)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for path, var in tqdm(flat, desc="gathering", unit="tensor", disable=not progress):
+        value = np.asarray(jax.device_get(var.get_value()))
+        value = unlayout_param(path_to_str(path), value, model.config, tp)
+        out[hf_key(path)] = to_hf(path, value)
     return out
 
 

@@ -10,147 +10,276 @@
 
 Recurrent state per layer (:class:`MixerState`): ``conv [b, i + 2gn, k - 1]`` (the last k-1
 conv inputs, oldest first, model dtype) and ``ssm [b, h, p, n]`` (``config.ssm_state_dtype``,
-float32 by default). ``__call__`` runs a prefill (optionally continuing from a state) and
-``step`` decodes one token.
+float32 by default). ``__call__`` runs a prefill (optionally continuing from a state, optionally
+over packed sequences) and ``step`` decodes one token.
+
+Sharding: built with a ``mesh``, the mixer follows :class:`~mamba2_jax.sharding.plan.MixerPlan`:
+parameters (and the conv state's channels) are in the ``tp`` layout (shard-major with duplicated
+groups, ``tp * conv_dim_local`` conv channels), conv + SSD run per device in ``jax.shard_map``,
+and every collective (the out_proj reduction, the gated norm's cross-shard statistics, the
+context-parallel all-to-alls) is derived by XLA from PartitionSpecs.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
+from mamba2_jax.sharding.layout import conv_shard_rows, local_config
+from mamba2_jax.sharding.params import logical_init, logical_param
+from mamba2_jax.sharding.plan import MixerPlan
 
 
 class MixerState(NamedTuple):
-    """One layer's recurrent state: ``conv [b, i + 2gn, k - 1]`` and ``ssm [b, h, p, n]``."""
+    """One layer's recurrent state: ``conv [b, conv channels, k - 1]`` and ``ssm [b, h, p, n]``.
+
+    The conv channels are ``i + 2gn`` in HF order without a mesh, or the ``tp`` layout's
+    ``tp * conv_dim_local`` (shard-major, duplicated groups) for a mixer built on a mesh.
+    """
 
     conv: jax.Array
     ssm: jax.Array
 
 
-def init_mixer_state(config: Mamba2Config, batch_size: int, dtype=jnp.float32) -> MixerState:
+def init_mixer_state(config: Mamba2Config, batch_size: int, dtype=jnp.float32, *,
+                     tp: int = 1) -> MixerState:
     """All-zero state (the state before any token) for ``batch_size`` sequences."""
     c = config
+    channels = tp * local_config(c, tp).conv_dim_local  # == i + 2gn when tp == 1
     return MixerState(
-        conv=jnp.zeros((batch_size, c.conv_dim, c.conv_kernel - 1), dtype),
+        conv=jnp.zeros((batch_size, channels, c.conv_kernel - 1), dtype),
         ssm=jnp.zeros((batch_size, c.num_heads, c.head_dim, c.state_size), c.ssm_state_dtype),
     )
 
 
-class DepthwiseConv1d(nnx.Module):
-    """Parameters of the causal depthwise conv: ``weight [c, k]`` (HF's [c, 1, k] squeezed), ``bias [c]``."""
+def _picked(init, rows, axis: int, full: int):
+    """An initializer drawing the natural-layout tensor (``full`` along ``axis``), then ``rows``."""
+    def draw(key, shape, dtype=jnp.float32):
+        natural = list(shape)
+        natural[axis] = full
+        return jnp.take(init(key, tuple(natural), dtype), rows, axis=axis)
+    return draw
 
-    def __init__(self, channels: int, kernel: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+
+class DepthwiseConv1d(nnx.Module):
+    """Parameters of the causal depthwise conv: ``weight [c, k]`` (HF's [c, 1, k] squeezed), ``bias [c]``.
+
+    ``rows`` picks (and orders) the channels of the natural ``channels``-channel conv (the ``tp``
+    layout); None keeps all of them.
+    """
+
+    def __init__(self, channels: int, kernel: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs,
+                 rows=None):
         bound = 1.0 / math.sqrt(kernel)
         uniform = jax.nn.initializers.uniform(2 * bound)
-        self.weight = nnx.Param(uniform(rngs.params(), (channels, kernel), param_dtype) - bound)
-        self.bias = (nnx.Param(uniform(rngs.params(), (channels,), param_dtype) - bound)
-                     if use_bias else None)
+        rows = jnp.arange(channels) if rows is None else jnp.asarray(rows)
+        weight = uniform(rngs.params(), (channels, kernel), param_dtype) - bound
+        self.weight = logical_param(weight[rows], ("ssm_heads", None))
+        bias = (uniform(rngs.params(), (channels,), param_dtype) - bound) if use_bias else None
+        self.bias = None if bias is None else logical_param(bias[rows], ("ssm_heads",))
 
 
 class MambaMixer2(nnx.Module):
     """The Mamba-2 mixer of one layer (module names follow HF: in_proj, conv1d, A_log, D, dt_bias, norm, out_proj).
 
     Params are created in ``param_dtype``; ``A_log``, ``D`` and ``dt_bias`` are always float32.
+    ``mesh``: build for (and run on) this mesh (see the module docstring); None: one device.
     """
 
     def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
+                 mesh=None, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4):
         c = self.config = config
+        plan = self.plan = MixerPlan(config, mesh)
         d, i, h = c.hidden_size, c.intermediate_size, c.num_heads
         linear = dict(use_bias=c.use_bias, dtype=param_dtype, param_dtype=param_dtype, rngs=rngs)
-        self.in_proj = nnx.Linear(d, c.in_proj_size, **linear)
+        rows = plan.in_proj_rows
+        self.in_proj = nnx.Linear(
+            d, rows.shape[0], **linear,
+            kernel_init=logical_init(_picked(nnx.initializers.lecun_normal(), rows, 1,
+                                             c.in_proj_size), ("embed", "ssm_heads")),
+            bias_init=logical_init(nnx.initializers.zeros_init(), ("ssm_heads",)))
         self.conv1d = DepthwiseConv1d(c.conv_dim, c.conv_kernel, use_bias=c.use_conv_bias,
-                                      param_dtype=param_dtype, rngs=rngs)
+                                      param_dtype=param_dtype, rngs=rngs,
+                                      rows=conv_shard_rows(c, plan.tp).reshape(-1))
         # mamba_ssm's init: A = -U(1, 16); dt = logU(dt_min, dt_max) stored as softplus^-1(dt).
         key_a, key_dt = jax.random.split(rngs.params())
-        self.A_log = nnx.Param(jnp.log(jax.random.uniform(key_a, (h,), jnp.float32, 1.0, 16.0)))
+        heads = ("ssm_heads",)
+        self.A_log = logical_param(
+            jnp.log(jax.random.uniform(key_a, (h,), jnp.float32, 1.0, 16.0)), heads)
         dt = jnp.exp(jax.random.uniform(key_dt, (h,), jnp.float32, math.log(dt_min), math.log(dt_max)))
         dt = jnp.maximum(dt, dt_floor)
-        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
-        self.D = nnx.Param(jnp.ones((i,) if c.d_has_hdim else (h,), jnp.float32))
+        self.dt_bias = logical_param(dt + jnp.log(-jnp.expm1(-dt)), heads)
+        self.D = logical_param(jnp.ones((i,) if c.d_has_hdim else (h,), jnp.float32), heads)
         self.norm = GatedGroupRMSNorm(i, c.n_groups, eps=c.layer_norm_epsilon,
-                                      use_rms_norm=c.use_rms_norm, param_dtype=param_dtype)
-        self.out_proj = nnx.Linear(i, d, **linear)
+                                      use_rms_norm=c.use_rms_norm, param_dtype=param_dtype,
+                                      axis_name="ssm_heads")
+        self.out_proj = nnx.Linear(
+            i, d, **linear,
+            kernel_init=logical_init(nnx.initializers.lecun_normal(), ("ssm_heads", "embed")),
+            bias_init=logical_init(nnx.initializers.zeros_init(), ("embed",)))
 
     # -- pieces shared by prefill and decode -------------------------------------------------
 
     def _project(self, u, mup_vector):
-        c = self.config
+        """``u [.., d]`` -> z ``[.., tp, i_l]``, xBC ``[.., tp, conv_dim_local]``, dt ``[.., tp, h_l]``."""
+        local = self.plan.local
         zxbcdt = self.in_proj(u)
         if mup_vector is not None:
-            zxbcdt = zxbcdt * mup_vector
-        i, cd = c.intermediate_size, c.conv_dim
-        return zxbcdt[..., :i], zxbcdt[..., i:i + cd], zxbcdt[..., i + cd:]
+            mup = jnp.asarray(mup_vector)
+            zxbcdt = zxbcdt * (mup if self.plan.tp == 1 else jnp.take(mup, self.plan.in_proj_rows))
+        zxbcdt = zxbcdt.reshape(*zxbcdt.shape[:-1], local.tp, local.in_proj_local)
+        il, cl = local.intermediate, local.conv_dim_local
+        return zxbcdt[..., :il], zxbcdt[..., il:il + cl], zxbcdt[..., il + cl:]
 
-    def _split_xbc(self, xbc):
+    def _head_params(self, heads_shape):
+        """A, D, dt_bias reshaped to ``heads_shape`` (+ ``[p]`` for a per-channel D)."""
         c = self.config
-        i, gn = c.intermediate_size, c.n_groups * c.state_size
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32)).reshape(heads_shape)
+        D = self.D[...].reshape(heads_shape + ((c.head_dim,) if c.d_has_hdim else ()))
+        return dict(A=A, D=D, dt_bias=self.dt_bias[...].reshape(heads_shape))
+
+    def _conv_params(self, split):
+        """Conv weight ``[tp, .., k]`` / bias ``[tp, ..]`` with the channel axis ``split``."""
+        local = self.local_sizes
+        out = dict(weight=split(self.conv1d.weight[...].reshape(local.tp, local.conv_dim_local, -1)))
+        if self.conv1d.bias is not None:
+            out["bias"] = split(self.conv1d.bias[...].reshape(local.tp, local.conv_dim_local))
+        return out
+
+    @property
+    def local_sizes(self):
+        return self.plan.local
+
+    def _split_xbc(self, xbc, heads, groups):
+        c = self.config
+        hp, gn = heads * c.head_dim, groups * c.state_size
         lead = xbc.shape[:-1]
-        x = xbc[..., :i].reshape(*lead, c.num_heads, c.head_dim)
-        B = xbc[..., i:i + gn].reshape(*lead, c.n_groups, c.state_size)
-        C = xbc[..., i + gn:].reshape(*lead, c.n_groups, c.state_size)
+        x = xbc[..., :hp].reshape(*lead, heads, c.head_dim)
+        B = xbc[..., hp:hp + gn].reshape(*lead, groups, c.state_size)
+        C = xbc[..., hp + gn:].reshape(*lead, groups, c.state_size)
         return x, B, C
 
-    def _ssm_params(self):
-        c = self.config
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        D = self.D[...]
-        if c.d_has_hdim:
-            D = D.reshape(c.num_heads, c.head_dim)
-        return A, D
+    def _finish(self, y, z, *batch_seq):
+        """Gated norm + out_proj on ``y``, ``z [.., i]`` laid out (batch_seq.., "tensor")."""
+        y = self.plan.constrain(y, *batch_seq, "tensor")
+        z = self.plan.constrain(z, *batch_seq, "tensor")
+        return self.plan.constrain(self.out_proj(self.norm(y, z)), *batch_seq, None)
 
-    def _conv_params(self):
-        bias = self.conv1d.bias
-        return self.conv1d.weight[...], (None if bias is None else bias[...])
+    # -- per-device work (inside shard_map) --------------------------------------------------------
 
-    def _finish(self, y, z):
-        return self.out_proj(self.norm(y.reshape(z.shape), z))
+    def _prefill_local(self, a, *, return_state, impl):
+        """Conv + SSD on one device's ``[.., 1, 1, ..]`` (tensor, context) block."""
+        c, plan = self.config, self.plan
+        cu = a.get("cu_seqlens")
+        xbc = a["xbc"][:, :, 0, 0]
+        bias = a["bias"][0, 0] if "bias" in a else None
+        conv = causal_conv1d(
+            xbc[0] if cu is not None else xbc, a["weight"][0, 0], bias,
+            initial_states=a["conv_state"][:, 0, 0] if "conv_state" in a else None,
+            cu_seqlens=cu, activation="silu", return_final_states=return_state, impl=impl)
+        xbc, conv_state = conv if return_state else (conv, None)
+        x, B, C = self._split_xbc(xbc[None] if cu is not None else xbc, plan.heads_cp,
+                                  plan.groups_cp)
+        scan = ssd_chunk_scan(
+            x, a["dt"][:, :, 0, 0], a["A"][0, 0], B, C, chunk_size=c.chunk_size, D=a["D"][0, 0],
+            dt_bias=a["dt_bias"][0, 0], dt_softplus=True, dt_limit=c.time_step_limit,
+            initial_states=a["ssm_state"][:, 0, 0] if "ssm_state" in a else None,
+            cu_seqlens=cu, return_final_states=return_state, impl=impl)
+        if not return_state:  # the final states are only computed when asked for
+            return dict(y=scan[:, :, None, None])
+        y, ssm_state = scan
+        return dict(y=y[:, :, None, None], conv=conv_state[:, None, None],
+                    ssm=ssm_state[:, None, None])
+
+    def _step_local(self, a, *, impl):
+        """Conv update + state update on one device's ``[b, 1, ..]`` tensor block."""
+        c, local = self.config, self.local_sizes
+        xbc, conv_state = causal_conv1d_update(
+            a["xbc"][:, 0], a["conv_state"][:, 0], a["weight"][0],
+            a["bias"][0] if "bias" in a else None, activation="silu", impl=impl)
+        x, B, C = self._split_xbc(xbc, local.heads, local.groups_local)
+        y, ssm_state = selective_state_update(
+            a["ssm_state"][:, 0], x, a["dt"][:, 0], a["A"][0], B, C, D=a["D"][0],
+            dt_bias=a["dt_bias"][0], dt_softplus=True, dt_limit=c.time_step_limit, impl=impl)
+        return dict(y=y[:, None], conv=conv_state[:, None], ssm=ssm_state[:, None])
 
     # -- prefill / decode -------------------------------------------------------------------------
 
     def __call__(self, u, *, state: MixerState | None = None, return_state: bool = False,
-                 mup_vector=None, impl: str = "auto"):
-        """Prefill ``u [b, l, d]`` (from ``state`` when given) -> ``out [b, l, d]`` [, new state]."""
-        c = self.config
+                 cu_seqlens=None, mup_vector=None, impl: str = "auto"):
+        """Prefill ``u [b, l, d]`` (from ``state`` when given) -> ``out [b, l, d]`` [, new state].
+
+        ``cu_seqlens [nseq + 1]``: ``u`` is ``[1, t, d]`` holding packed sequences, each started
+        from its own state (``state`` and the returned state then have ``nseq`` rows).
+        """
+        c, plan, local = self.config, self.plan, self.local_sizes
+        b, l = u.shape[:2]
+        if cu_seqlens is not None and b != 1:
+            raise ValueError(f"MambaMixer2: packed sequences (cu_seqlens) need u [1, t, d], "
+                             f"got {tuple(u.shape)}")
+        nseq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
         z, xbc, dt = self._project(u, mup_vector)
-        weight, bias = self._conv_params()
-        conv = causal_conv1d(
-            xbc, weight, bias, initial_states=None if state is None else state.conv,
-            activation="silu", return_final_states=return_state, impl=impl)
-        xbc_act, conv_state = conv if return_state else (conv, None)
-        x, B, C = self._split_xbc(xbc_act)
-        A, D = self._ssm_params()
-        scan = ssd_chunk_scan(
-            x, dt, A, B, C, chunk_size=c.chunk_size, D=D, dt_bias=self.dt_bias[...],
-            dt_softplus=True, dt_limit=c.time_step_limit,
-            initial_states=None if state is None else state.ssm,
-            return_final_states=return_state, impl=impl)
-        if not return_state:  # the final states are only computed when asked for
-            return self._finish(scan, z)
-        y, ssm_state = scan
-        return self._finish(y, z), MixerState(conv_state.astype(xbc.dtype),
-                                              ssm_state.astype(c.ssm_state_dtype))
+        tp, cp, hc, k = plan.tp, plan.cp, plan.heads_cp, c.conv_kernel
+        to_context = partial(plan.to_context, axis=1)
+        args = dict(xbc=plan.to_context(xbc, 3), dt=dt.reshape(b, l, tp, cp, hc),
+                    **self._conv_params(to_context), **self._head_params((tp, cp, hc)))
+        bx, bs = plan.batch_axis(b), plan.batch_axis(nseq)
+        seq_block, heads = P(bx, None, "tensor", "context", None), P("tensor", "context", None)
+        specs = dict(xbc=seq_block, dt=seq_block, weight=P("tensor", "context", None, None),
+                     bias=heads, A=heads, dt_bias=heads, D=P("tensor", "context", None, None)
+                     if c.d_has_hdim else heads, cu_seqlens=P(),
+                     conv_state=P(bs, "tensor", "context", None, None),
+                     ssm_state=P(bs, "tensor", "context", None, None, None))
+        if state is not None:
+            args["conv_state"] = plan.to_context(
+                state.conv.reshape(nseq, tp, local.conv_dim_local, k - 1), 2)
+            args["ssm_state"] = state.ssm.reshape(nseq, tp, cp, hc, c.head_dim, c.state_size)
+        if cu_seqlens is not None:
+            args["cu_seqlens"] = jnp.asarray(cu_seqlens)
+        out_specs = dict(y=P(bx, None, "tensor", "context", None, None))
+        if return_state:
+            out_specs.update(conv=specs["conv_state"], ssm=specs["ssm_state"])
+        out = plan.per_device(partial(self._prefill_local, return_state=return_state, impl=impl),
+                              args, specs, out_specs)
+        i = c.intermediate_size
+        result = self._finish(out["y"].reshape(b, l, i), z.reshape(b, l, i), bx, plan.seq_axis(l))
+        if not return_state:
+            return result
+        conv = plan.from_context(out["conv"], 2).reshape(nseq, -1, k - 1)
+        ssm = out["ssm"].reshape(nseq, c.num_heads, c.head_dim, c.state_size)
+        return result, MixerState(conv.astype(xbc.dtype), ssm.astype(c.ssm_state_dtype))
 
     def step(self, u, state: MixerState, *, mup_vector=None, impl: str = "auto"):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""
-        c = self.config
+        c, plan, local = self.config, self.plan, self.local_sizes
+        b, tp = u.shape[0], plan.tp
         z, xbc, dt = self._project(u, mup_vector)
-        weight, bias = self._conv_params()
-        xbc, conv_state = causal_conv1d_update(xbc, state.conv, weight, bias, activation="silu",
-                                               impl=impl)
-        x, B, C = self._split_xbc(xbc)
-        A, D = self._ssm_params()
-        y, ssm_state = selective_state_update(
-            state.ssm, x, dt, A, B, C, D=D, dt_bias=self.dt_bias[...], dt_softplus=True,
-            dt_limit=c.time_step_limit, impl=impl)
-        return self._finish(y, z), MixerState(conv_state, ssm_state)
+        args = dict(xbc=xbc, dt=dt, **self._conv_params(lambda a: a),
+                    **self._head_params((tp, local.heads)),
+                    conv_state=state.conv.reshape(b, tp, local.conv_dim_local, -1),
+                    ssm_state=state.ssm.reshape(b, tp, local.heads, c.head_dim, c.state_size))
+        bx = plan.batch_axis(b)
+        heads = P("tensor", None)
+        specs = dict(xbc=P(bx, "tensor", None), dt=P(bx, "tensor", None),
+                     weight=P("tensor", None, None), bias=heads, A=heads, dt_bias=heads,
+                     D=P("tensor", None, None) if c.d_has_hdim else heads,
+                     conv_state=P(bx, "tensor", None, None),
+                     ssm_state=P(bx, "tensor", None, None, None))
+        out = plan.per_device(partial(self._step_local, impl=impl), args, specs,
+                              dict(y=P(bx, "tensor", None, None), conv=specs["conv_state"],
+                                   ssm=specs["ssm_state"]))
+        i = c.intermediate_size
+        result = self._finish(out["y"].reshape(b, i), z.reshape(b, i), bx)
+        return result, MixerState(out["conv"].reshape(state.conv.shape),
+                                  out["ssm"].reshape(state.ssm.shape))

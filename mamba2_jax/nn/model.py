@@ -6,16 +6,25 @@ logits then use the embedding matrix).
 
 Dtype policy (as HF): each block's norm input is cast to the parameter dtype; the residual
 stream is float32 when ``residual_in_fp32``; logits are float32.
+
+Sharding: ``Mamba2ForCausalLM(config, mesh=mesh)`` builds every mixer for the mesh (see
+:mod:`mamba2_jax.nn.mixer`) and places each parameter with the NamedSharding of its logical
+names; the residual stream is laid out ``(data, context, -)``; logits ``(data, context, tensor)``
+(the vocabulary over ``"tensor"`` when it divides). Without a mesh everything is one-device code.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.linear import default_embed_init, default_kernel_init
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.nn.mixer import MambaMixer2, MixerState, init_mixer_state
 from mamba2_jax.nn.norm import RMSNorm
+from mamba2_jax.sharding.params import logical_init, place_params
 
 ModelState = tuple[MixerState, ...]  # one MixerState per layer
 
@@ -23,17 +32,18 @@ ModelState = tuple[MixerState, ...]  # one MixerState per layer
 class Mamba2Block(nnx.Module):
     """``out = residual + mixer(norm(x))`` with the residual in float32 when configured."""
 
-    def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 mesh=None):
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
-        self.mixer = MambaMixer2(config, param_dtype=param_dtype, rngs=rngs)
+        self.mixer = MambaMixer2(config, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
 
     def _residual(self, h):
         return h.astype(jnp.float32) if self.residual_in_fp32 else h
 
-    def __call__(self, h, *, state=None, return_state=False, impl="auto"):
+    def __call__(self, h, *, state=None, return_state=False, cu_seqlens=None, impl="auto"):
         x = self.norm(h.astype(self.norm.weight[...].dtype))
-        out = self.mixer(x, state=state, return_state=return_state, impl=impl)
+        out = self.mixer(x, state=state, return_state=return_state, cu_seqlens=cu_seqlens, impl=impl)
         if return_state:
             out, state = out
             return self._residual(h) + out, state
@@ -45,10 +55,12 @@ class Mamba2Block(nnx.Module):
 
 
 class Mamba2Model(nnx.Module):
-    def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embeddings = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype,
-                                    rngs=rngs)
-        self.layers = nnx.List([Mamba2Block(config, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 mesh=None):
+        self.embeddings = nnx.Embed(
+            config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs,
+            embedding_init=logical_init(default_embed_init, ("vocab", "embed")))
+        self.layers = nnx.List([Mamba2Block(config, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
                                 for _ in range(config.num_hidden_layers)])
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
 
@@ -61,17 +73,32 @@ class Mamba2ForCausalLM(nnx.Module):
     tuple of per-layer :class:`MixerState`.
     """
 
-    def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: Mamba2Config, *, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, mesh=None):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
-        self.backbone = Mamba2Model(config, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = (None if config.tie_word_embeddings else
-                        nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
-                                   dtype=param_dtype, param_dtype=param_dtype, rngs=rngs))
+        self.mesh = mesh
+        self.backbone = Mamba2Model(config, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
+        self.lm_head = (None if config.tie_word_embeddings else nnx.Linear(
+            config.hidden_size, config.vocab_size, use_bias=False, dtype=param_dtype,
+            param_dtype=param_dtype, rngs=rngs,
+            kernel_init=logical_init(default_kernel_init, ("embed", "vocab"))))
+        if mesh is not None:
+            place_params(self, mesh)
 
     @property
     def param_dtype(self):
         return self.backbone.embeddings.embedding[...].dtype
+
+    @property
+    def plan(self):
+        return self.backbone.layers[0].mixer.plan
+
+    def _embed(self, input_ids):
+        h = self.backbone.embeddings(input_ids)
+        plan = self.plan
+        seq = (plan.seq_axis(input_ids.shape[1]),) if input_ids.ndim == 2 else ()
+        return plan.constrain(h, plan.batch_axis(input_ids.shape[0]), *seq, None)
 
     def _logits(self, h):
         h = self.backbone.norm_f(h)
@@ -82,28 +109,40 @@ class Mamba2ForCausalLM(nnx.Module):
         return self.lm_head(h.astype(self.lm_head.kernel[...].dtype)).astype(jnp.float32)
 
     def init_state(self, batch_size: int) -> ModelState:
-        """The zero state of every layer (before any token)."""
-        return tuple(init_mixer_state(self.config, batch_size, self.param_dtype)
-                     for _ in self.backbone.layers)
+        """The zero state of every layer (before any token), sharded like the mixers on a mesh."""
+        plan = self.plan
+        state = init_mixer_state(self.config, batch_size, self.param_dtype, tp=plan.tp)
+        if self.mesh is not None:
+            bx = plan.batch_axis(batch_size)
+            state = MixerState(
+                jax.device_put(state.conv, NamedSharding(self.mesh, P(bx, "tensor", None))),
+                jax.device_put(state.ssm, NamedSharding(self.mesh, P(bx, "tensor", None, None))))
+        return tuple(state for _ in self.backbone.layers)
 
-    def prefill(self, input_ids, state: ModelState | None = None, *, impl: str = "auto"):
-        """Run ``input_ids [b, l]`` (continuing from ``state``); returns (logits [b, l, v], state)."""
-        h = self.backbone.embeddings(input_ids)
+    def prefill(self, input_ids, state: ModelState | None = None, *, cu_seqlens=None,
+                impl: str = "auto"):
+        """Run ``input_ids [b, l]`` (continuing from ``state``); returns (logits [b, l, v], state).
+
+        ``cu_seqlens [nseq + 1]``: ``input_ids`` is ``[1, t]`` holding packed sequences; the
+        state then has one row per sequence.
+        """
+        h = self._embed(input_ids)
         new_state = []
         for i, layer in enumerate(self.backbone.layers):
-            h, s = layer(h, state=None if state is None else state[i], return_state=True, impl=impl)
+            h, s = layer(h, state=None if state is None else state[i], return_state=True,
+                         cu_seqlens=cu_seqlens, impl=impl)
             new_state.append(s)
         return self._logits(h), tuple(new_state)
 
-    def __call__(self, input_ids, *, impl: str = "auto"):
-        h = self.backbone.embeddings(input_ids)
+    def __call__(self, input_ids, *, cu_seqlens=None, impl: str = "auto"):
+        h = self._embed(input_ids)
         for layer in self.backbone.layers:
-            h = layer(h, impl=impl)
+            h = layer(h, cu_seqlens=cu_seqlens, impl=impl)
         return self._logits(h)
 
     def decode_step(self, token_ids, state: ModelState, *, impl: str = "auto"):
         """One token per sequence: ``token_ids [b]`` -> (logits [b, v], new state)."""
-        h = self.backbone.embeddings(token_ids)
+        h = self._embed(token_ids)
         new_state = []
         for layer, s in zip(self.backbone.layers, state):
             h, s = layer.step(h, s, impl=impl)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba2_jax.sharding.params import logical_param
+
 
 def _rms_normalize(x, eps):
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -19,9 +21,10 @@ def _rms_normalize(x, eps):
 class RMSNorm(nnx.Module):
     """``y = weight * x / sqrt(mean(x^2) + eps)`` over the last axis."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32,
+                 axis_name: str | None = "embed"):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = logical_param(jnp.ones((dim,), param_dtype), (axis_name,))
 
     def __call__(self, x):
         y = _rms_normalize(x.astype(jnp.float32), self.eps)
@@ -38,13 +41,14 @@ class GatedGroupRMSNorm(nnx.Module):
     """
 
     def __init__(self, dim: int, n_groups: int, *, eps: float = 1e-5, use_rms_norm: bool = True,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, axis_name: str | None = "ssm_heads"):
         if dim % n_groups:
             raise ValueError(f"GatedGroupRMSNorm: dim={dim} is not a multiple of n_groups={n_groups}")
         self.n_groups = n_groups
         self.eps = eps
         self.use_rms_norm = use_rms_norm
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype)) if use_rms_norm else None
+        self.weight = (logical_param(jnp.ones((dim,), param_dtype), (axis_name,))
+                       if use_rms_norm else None)
 
     def __call__(self, x, gate):
         y = x.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))

@@ -50,6 +50,8 @@ __all__ = [
     "unshard_in_proj",
     "unshard_conv",
     "local_config",
+    "check_cp",
+    "context_split_rows",
 ]
 
 
@@ -335,3 +337,47 @@ def unshard_conv(shards, config: Mamba2Config, tp: int) -> np.ndarray:
     rows = conv_shard_rows(config, tp)
     return _unshard("unshard_conv", shards, rows, config.conv_dim, _conv_trailing(config),
                     _conv_segments(config), config)
+
+
+# -- context parallel: splitting one tensor shard's conv channels further over ``cp`` ----------------
+
+
+def check_cp(config: Mamba2Config, tp: int, cp: int) -> None:
+    """Raise ``ValueError`` unless each tensor shard's heads and groups split over ``cp`` ranks.
+
+    Context parallelism moves each tensor shard's conv + SSD work to a head-sharded layout over
+    ``cp`` ranks (NeMo ``mamba_cp``): ``(num_heads / tp) % cp == 0``, and the shard's groups
+    ``gl`` satisfy ``gl % cp == 0`` or ``cp % gl == 0`` (then B/C are repeated ``cp / gl`` times).
+    """
+    local = local_config(config, tp)
+    cp = _tp_int(cp)
+    problems = []
+    if local.heads % cp:
+        problems.append(f"num_heads / tp ({config.num_heads} / {local.tp} = {local.heads}) must "
+                        f"be a multiple of context ({cp})")
+    if local.groups_local % cp and cp % local.groups_local:
+        problems.append(f"the groups per tensor shard ({local.groups_local}) and context ({cp}) "
+                        "must divide one another")
+    if problems:
+        raise ValueError("cannot split the Mamba-2 mixer over context=%d: %s"
+                         % (cp, "; ".join(problems)))
+
+
+def context_split_rows(config: Mamba2Config, tp: int, cp: int) -> np.ndarray:
+    """``[cp, c_cp]`` int64: local conv channel (of one tensor shard) held by each context rank.
+
+    A tensor shard's channels ``[x_r | B_r | C_r]`` (``conv_dim_local``) are split like a tensor
+    split of a mixer with ``h/tp`` heads and ``groups_local`` groups: context rank ``c`` holds
+    ``[x_rc | B_rc | C_rc]``, its ``h/(tp cp)`` heads and the group(s) they read (repeated when
+    ``groups_local < cp``). The same table serves every tensor shard.
+    """
+    check_cp(config, tp, cp)
+    local = local_config(config, tp)
+    n, gl, il = local.state_size, local.groups_local, local.intermediate
+    groups = (np.arange(gl, dtype=np.int64).reshape(cp, gl // cp) if gl % cp == 0
+              else (np.arange(cp, dtype=np.int64) // (cp // gl))[:, None])
+    def group_rows(offset):
+        rows = offset + groups[:, :, None] * n + np.arange(n)[None, None, :]
+        return rows.reshape(cp, -1)
+    return np.concatenate([_contiguous_rows(il, cp, 0), group_rows(il), group_rows(il + gl * n)],
+                          axis=1)
