@@ -231,10 +231,17 @@ class MambaMixer2(nnx.Module):
         nseq = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
         z, xbc, dt = self._project(u, mup_vector)
         tp, cp, hc, k = plan.tp, plan.cp, plan.heads_cp, c.conv_kernel
-        to_context = partial(plan.to_context, axis=1)
-        args = dict(xbc=plan.to_context(xbc, 3), dt=dt.reshape(b, l, tp, cp, hc),
-                    **self._conv_params(to_context), **self._head_params((tp, cp, hc)))
-        bx, bs = plan.batch_axis(b), plan.batch_axis(nseq)
+        def to_context(a):  # parameters stay replicated over "context" (each rank slices its part)
+            a = plan.to_context(a, 1)
+            return plan.constrain(a, "tensor", *(None,) * (a.ndim - 1))
+        bx, bs, sx = plan.batch_axis(b), plan.batch_axis(nseq), plan.seq_axis(l)
+        # Split each tensor shard's channels over context while the tokens are still
+        # sequence-sharded (local work); shard_map's in_specs then move the tokens to the
+        # head-sharded layout (an all-to-all over "context").
+        xbc = plan.constrain(plan.to_context(xbc, 3), bx, sx, "tensor", None, None)
+        dt = plan.constrain(dt.reshape(b, l, tp, cp, hc), bx, sx, "tensor", None, None)
+        args = dict(xbc=xbc, dt=dt, **self._conv_params(to_context),
+                    **self._head_params((tp, cp, hc)))
         seq_block, heads = P(bx, None, "tensor", "context", None), P("tensor", "context", None)
         specs = dict(xbc=seq_block, dt=seq_block, weight=P("tensor", "context", None, None),
                      bias=heads, A=heads, dt_bias=heads, D=P("tensor", "context", None, None)
@@ -253,7 +260,8 @@ class MambaMixer2(nnx.Module):
         out = plan.per_device(partial(self._prefill_local, return_state=return_state, impl=impl),
                               args, specs, out_specs)
         i = c.intermediate_size
-        result = self._finish(out["y"].reshape(b, l, i), z.reshape(b, l, i), bx, plan.seq_axis(l))
+        y = plan.constrain(out["y"], bx, sx, "tensor", None, None, None)  # back to sequence-sharded
+        result = self._finish(y.reshape(b, l, i), z.reshape(b, l, i), bx, sx)
         if not return_state:
             return result
         conv = plan.from_context(out["conv"], 2).reshape(nseq, -1, k - 1)

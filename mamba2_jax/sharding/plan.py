@@ -72,24 +72,45 @@ class MixerPlan:
         """``[cp, c_cp]``: tensor-shard-local conv channel held by each context rank."""
         return context_split_rows(self.config, self.tp, self.cp)
 
-    @cached_property
-    def context_inverse(self) -> np.ndarray:
-        """``[conv_dim_local]``: for each local channel, its first position in ``context_rows``."""
-        _, first = np.unique(self.context_rows.reshape(-1), return_index=True)
-        return first
-
     def to_context(self, a, axis: int):
-        """Split a tensor-shard-local channel axis ``[.., conv_dim_local, ..]`` -> ``[.., cp, c_cp, ..]``."""
+        """Split a tensor-shard-local channel axis ``[.., conv_dim_local, ..]`` -> ``[.., cp, c_cp, ..]``.
+
+        Equal to ``take(a, context_rows, axis)``, written with reshapes and broadcasts (which
+        XLA partitions without gathering indices).
+        """
+        jnp = jax.numpy
         if self.cp == 1:
-            return jax.numpy.expand_dims(a, axis)
-        return jax.numpy.take(a, self.context_rows, axis=axis)
+            return jnp.expand_dims(a, axis)
+        cp, local, n = self.cp, self.local, self.config.state_size
+        il, gl = local.intermediate, local.groups_local
+        a = jnp.moveaxis(a, axis, -1)
+        lead = a.shape[:-1]
+        parts = [a[..., :il].reshape(*lead, cp, il // cp)]
+        for start in (il, il + gl * n):                                   # B, then C
+            groups = a[..., start:start + gl * n].reshape(*lead, gl, 1, n)
+            if gl % cp == 0:
+                parts.append(groups.reshape(*lead, cp, (gl // cp) * n))
+            else:                                                         # repeat each group
+                parts.append(jnp.broadcast_to(groups, (*lead, gl, cp // gl, n)).reshape(*lead, cp, n))
+        return jnp.moveaxis(jnp.concatenate(parts, axis=-1), (-2, -1), (axis, axis + 1))
 
     def from_context(self, a, axis: int):
-        """Inverse of :meth:`to_context` (takes the first copy of repeated B/C channels)."""
+        """Inverse of :meth:`to_context` (keeps the first copy of repeated B/C channels)."""
+        jnp = jax.numpy
         if self.cp == 1:
-            return jax.numpy.squeeze(a, axis)
-        merged = a.reshape(*a.shape[:axis], -1, *a.shape[axis + 2:])
-        return jax.numpy.take(merged, self.context_inverse, axis=axis)
+            return jnp.squeeze(a, axis)
+        cp, local, n = self.cp, self.local, self.config.state_size
+        il, gl = local.intermediate, local.groups_local
+        hc, gc = il // cp, self.groups_cp * n
+        a = jnp.moveaxis(a, (axis, axis + 1), (-2, -1))
+        lead = a.shape[:-2]
+        parts = [a[..., :hc].reshape(*lead, il)]
+        for start in (hc, hc + gc):
+            groups = a[..., start:start + gc]
+            if gl % cp:                                                   # first copy of each group
+                groups = groups.reshape(*lead, gl, cp // gl, n)[..., 0, :]
+            parts.append(groups.reshape(*lead, gl * n))
+        return jnp.moveaxis(jnp.concatenate(parts, axis=-1), -1, axis)
 
     # -- mesh axes ------------------------------------------------------------------------------
 
