@@ -124,16 +124,60 @@ def write(directory, config: Mamba2Config, hf_tensors: dict, *, tp: int, dtype,
     checkpointer.wait_until_finished()
 
 
+def _orbax_reason(e: Exception) -> str:
+    """A one-line reason from an orbax / tensorstore error (without tensorstore's spec dump)."""
+    text = " ".join(str(e).split("[tensorstore_spec=")[0].split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _stored_tree(params: Path, checkpointer) -> dict:
+    """The nested dict of array metadata of the orbax checkpoint at ``params`` (checked)."""
+    if not params.is_dir():
+        raise CheckpointError(f"{params}: cannot read the orbax checkpoint (no such directory)")
+    try:
+        meta = checkpointer.metadata(params)
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, ValueError, tensorstore / orbax errors
+        raise CheckpointError(f"{params}: cannot read the orbax checkpoint "
+                              f"({_orbax_reason(e)})") from None
+    item = getattr(meta, "item_metadata", None)
+    tree = getattr(item, "tree", None)
+    if not isinstance(tree, dict):
+        # orbax logs the reason and returns no item metadata for a missing or corrupt
+        # _METADATA / manifest.ocdbt / data file
+        raise CheckpointError(f"{params}: cannot read the orbax checkpoint (its metadata is "
+                              "missing or corrupt: truncated or incomplete checkpoint?)")
+    return tree
+
+
+def _leaf_paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaf_paths(v, prefix + (str(k),))
+    else:
+        yield prefix
+
+
 def _restore_numpy(directory: Path, config: Mamba2Config):
     import orbax.checkpoint as ocp
 
     params = (directory / PARAMS_DIR).absolute()
+    meta = _stored_tree(params, ocp.StandardCheckpointer())
+    expected = {tuple(str(p) for p in path) for path, _ in natural_param_paths(config)}
+    unexpected = sorted(".".join(p) for p in set(_leaf_paths(meta)) - expected)
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(f"{params}: {len(unexpected)} unexpected array(s) for the model "
+                              f"config.json describes: {shown}")
     try:
-        meta = ocp.StandardCheckpointer().metadata(params).item_metadata.tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
         return ocp.PyTreeCheckpointer().restore(params, restore_args=args)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{params}: cannot read the orbax checkpoint ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, ValueError, tensorstore / orbax errors
+        raise CheckpointError(f"{params}: cannot read the orbax checkpoint "
+                              f"({_orbax_reason(e)})") from None
 
 
 def read_hf_tensors(directory, *, progress: bool = False):
@@ -198,10 +242,7 @@ def load(directory, *, dtype=None, mesh=None, progress: bool = False):
             abstract[path] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
     params = (directory / PARAMS_DIR).absolute()
     checkpointer = ocp.StandardCheckpointer()
-    try:
-        stored = checkpointer.metadata(params).item_metadata.tree
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{params}: cannot read the orbax checkpoint ({e})") from None
+    stored = _stored_tree(params, checkpointer)
     for path, want in abstract.items():
         try:
             have = _lookup(stored, path)
@@ -212,7 +253,13 @@ def load(directory, *, dtype=None, mesh=None, progress: bool = False):
                                   f"{tuple(have.shape)}, but the config at tp={tp} implies "
                                   f"{tuple(want.shape)}")
     with tqdm(total=1, desc="restoring", disable=not progress) as bar:
-        restored = checkpointer.restore(params, _nested(abstract))
+        try:
+            restored = checkpointer.restore(params, _nested(abstract))
+        except MemoryError:
+            raise
+        except Exception as e:  # OSError, ValueError, tensorstore / orbax errors
+            raise CheckpointError(f"{params}: cannot read the orbax checkpoint "
+                                  f"({_orbax_reason(e)})") from None
         bar.update()
     for path, var in flat:
         if isinstance(var, nnx.Param):

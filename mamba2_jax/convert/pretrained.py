@@ -60,33 +60,45 @@ def model_from_tensors(config: Mamba2Config, tensors, *, dtype, mesh=None, where
             check_tp(config, tp)
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
-    natural = dict(nnx.to_flat_state(nnx.state(abstract_model(config, dtype), nnx.Param)))
+    check_tensors(config, tensors, where=where)
     graphdef, state = nnx.split(abstract_model(config, dtype, mesh))
     flat = nnx.to_flat_state(state)
-    used = set()
     for path, var in tqdm(flat, desc="loading", unit="tensor", disable=not progress):
-        key = hf_key(path)
         if not isinstance(var, nnx.Param):
             continue
+        value = np.asarray(from_hf(path, tensors[hf_key(path)])).astype(_param_dtype(path, dtype))
+        value = layout_param(path_to_str(path), value, config, tp)
+        var.set_value(jnp.asarray(value) if mesh is None else
+                      jax.device_put(value, param_sharding(var, mesh)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def check_tensors(config: Mamba2Config, tensors, *, where="checkpoint") -> list[str]:
+    """Check that HF-named ``tensors`` hold exactly the parameters of a ``config`` model.
+
+    Every parameter must be present with the (HF-layout) shape ``config`` implies, and no other
+    key may be left over except the tied ``lm_head.weight`` copy mamba_ssm writes. Returns the
+    parameters' HF keys in model order; ``CheckpointError`` names ``where`` and the key.
+    """
+    natural = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
+    keys = []
+    for path, var in natural:
+        key = hf_key(path)
         if key not in tensors:
             raise CheckpointError(f"{where}: missing key {key!r} (needed for a model with "
                                   f"{config.num_hidden_layers} layers, tie_word_embeddings="
                                   f"{config.tie_word_embeddings})")
-        expected = hf_shape(path, natural[path].get_value().shape)
+        expected = hf_shape(path, var.get_value().shape)
         if tuple(tensors[key].shape) != expected:
             raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but the "
                                   f"config implies {expected}")
-        value = np.asarray(from_hf(path, tensors[key])).astype(_param_dtype(path, dtype))
-        value = layout_param(path_to_str(path), value, config, tp)
-        var.set_value(jnp.asarray(value) if mesh is None else
-                      jax.device_put(value, param_sharding(var, mesh)))
-        used.add(key)
+        keys.append(key)
     tied_copy = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = sorted(set(tensors) - used - tied_copy)
+    unexpected = sorted(set(tensors) - set(keys) - tied_copy)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
         raise CheckpointError(f"{where}: {len(unexpected)} unexpected key(s) for this config: {shown}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return keys
 
 
 def load_pretrained(path, *, dtype=None, mesh=None, progress: bool = False) -> Mamba2ForCausalLM:
