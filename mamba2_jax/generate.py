@@ -14,6 +14,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 def sample_logits(logits, key, *, temperature=0.0, top_k: int | None = None,
@@ -107,6 +108,10 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
 
+    mesh = getattr(model, "mesh", None)
+    if mesh is not None:  # prompts (and so the states) split over "data" when it divides them
+        batch = model.plan.batch_axis(input_ids.shape[0])
+        input_ids = jax.device_put(input_ids, NamedSharding(mesh, P(batch, None)))
     graphdef, params = nnx.split(model)
     logits, state = _prefill(graphdef, params, input_ids, impl)
     new = _decode_loop(

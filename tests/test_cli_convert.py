@@ -2,7 +2,6 @@
 bit-exact, dtype casts follow the loader's policy, every failure is one line and leaves no DST."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from hf_oracle import make_hf_model, max_rel, write_mamba_ssm_dir
@@ -25,6 +25,11 @@ from mamba2_jax.sharding import make_mesh
 from mamba2_jax.sharding.layout import local_config
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 13))
+_forward = nnx.jit(lambda model, ids: model(ids))  # eager calls under a mesh are slow on CPU
+
+
+def logits(model):
+    return np.asarray(_forward(model, IDS))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def reference_logits(sources):
 
     def get(name):
         if name not in cache:
-            cache[name] = np.asarray(load_pretrained(sources[name])(IDS))
+            cache[name] = logits(load_pretrained(sources[name]))
         return cache[name]
 
     return get
@@ -123,11 +128,11 @@ def test_orbax_for_tp_loads_with_same_logits(sources, reference_logits, tmp_path
     model = load_pretrained(dst, mesh=make_mesh(tensor=tp, devices=jax.devices()[:tp]))
     kernel = model.backbone.layers[0].mixer.in_proj.kernel[...]
     assert "tensor" in tuple(kernel.sharding.spec) and kernel.shape == (d, width)
-    assert max_rel(model(IDS), want) < 1e-5
+    assert max_rel(logits(model), want) < 1e-5
     relaid = load_pretrained(dst, mesh=make_mesh(tensor=other, devices=jax.devices()[:other]))
     assert "tensor" in tuple(relaid.backbone.layers[0].mixer.in_proj.kernel[...].sharding.spec)
-    assert max_rel(relaid(IDS), want) < 1e-5
-    assert max_rel(load_pretrained(dst)(IDS), want) < 1e-5
+    assert max_rel(logits(relaid), want) < 1e-5
+    assert max_rel(logits(load_pretrained(dst)), want) < 1e-5
 
 
 # -- round trips back to HF ------------------------------------------------------------------------
@@ -159,7 +164,7 @@ def test_mamba_ssm_to_hf_directly(sources, tmp_path, capsys):
     got, want = load_file(str(hf / "model.safetensors")), hf_tensors(sources["ssm"])
     want.pop("lm_head.weight")
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-    assert max_rel(load_pretrained(hf)(IDS), np.asarray(load_pretrained(sources["ssm"])(IDS))) == 0
+    assert np.array_equal(logits(load_pretrained(hf)), logits(load_pretrained(sources["ssm"])))
 
 
 def test_dtype_bfloat16(sources, tmp_path, capsys):
@@ -215,7 +220,8 @@ def test_failure_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(orbax_format, "write", broken_write)
     dst = tmp_path / "dst"
-    convert_fails(capsys, [sources["g1"], dst, "--tp", 2], "No space left on device", "params")
+    convert_fails(capsys, [sources["g1"], dst, "--tp", 2], dst, "cannot write",
+                  "No space left on device")
     assert not dst.exists()
     assert_no_leftovers(tmp_path, "dst")
     # with --force, the old DST survives a failed write untouched
@@ -234,7 +240,8 @@ def test_failure_mid_write_leaves_nothing(sources, tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(safetensors.numpy, "save_file", broken_save)
     convert_fails(capsys, [sources["g1"], tmp_path / "hf", "--format", "hf"],
-                  "RuntimeError", "I/O error", progress_before=True)
+                  tmp_path / "hf", "cannot write", "RuntimeError", "I/O error",
+                  progress_before=True)
     assert not (tmp_path / "hf").exists()
     assert_no_leftovers(tmp_path, "hf")
 
@@ -320,6 +327,7 @@ def test_tp_that_does_not_fit(sources, tmp_path, capsys):
     # 6 heads in 3 groups: tp = 2 divides the heads but not the groups (nor they it)
     model = make_hf_model(5, hidden_size=48, num_heads=6, n_groups=3)
     model.save_pretrained(tmp_path / "g3")
+    capsys.readouterr()  # transformers' own progress bar
     convert_fails(capsys, [tmp_path / "g3", tmp_path / "dst", "--tp", 2],
                   tmp_path / "g3" / "config.json", "n_groups (3) and tp (2) must divide one another")
     convert_fails(capsys, [sources["g4"], tmp_path / "dst", "--tp", 0], "--tp", "found 0")
@@ -361,7 +369,8 @@ def test_orbax_source_errors(orbax_ckpt, tmp_path, capsys):
     layout = json.loads((src / "mamba2_jax.json").read_text())
     layout["tensor_parallel"] = 4  # arrays laid out for 2
     (src / "mamba2_jax.json").write_text(json.dumps(layout))
-    convert_fails(capsys, [src, tmp_path / "dst"], src / "params", "in_proj", progress_before=True)
+    convert_fails(capsys, [src, tmp_path / "dst"], src / "params", "backbone.layers.0.mixer.conv1d",
+                  "tp = 4", progress_before=True)
     layout["tensor_parallel"] = 2
     (src / "mamba2_jax.json").write_text(json.dumps(layout))
     convert_fails(capsys, [src, tmp_path / "dst", "--tp", 3], src / "config.json",
@@ -372,6 +381,39 @@ def test_orbax_source_errors(orbax_ckpt, tmp_path, capsys):
     convert_fails(capsys, [src, tmp_path / "dst"], src / "params", "cannot read the orbax checkpoint")
     assert not (tmp_path / "dst").exists()
     assert_no_leftovers(tmp_path, "dst")
+
+
+def resave_params(src, edit):
+    """Rewrite ``src/params`` (an orbax PyTree of numpy arrays) after ``edit(tree)``."""
+    import orbax.checkpoint as ocp
+
+    params = (src / "params").absolute()
+    tree = ocp.StandardCheckpointer().restore(params)
+    edit(tree)
+    shutil.rmtree(params)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params, tree)
+    checkpointer.wait_until_finished()
+
+
+def test_orbax_source_with_tampered_arrays(orbax_ckpt, tmp_path, capsys):
+    """g = 1 over tp = 2: both shards hold group 0's B/C rows; the copies must agree."""
+    src = Path(shutil.copytree(orbax_ckpt, tmp_path / "src"))
+    config = Mamba2Config.from_pretrained(src)
+    i, local = config.intermediate_size, local_config(config, 2)
+
+    def edit_copy(tree):
+        kernel = tree["backbone"]["layers"]["1"]["mixer"]["in_proj"]["kernel"]
+        kernel[3, local.in_proj_local + i + 5] += 1.0  # shard 1's copy of B row 5 of group 0
+
+    resave_params(src, edit_copy)
+    convert_fails(capsys, [src, tmp_path / "dst", "--format", "hf"], src / "params",
+                  "backbone.layers.1.mixer.in_proj.kernel", "B group 0", "differs",
+                  progress_before=True)
+    resave_params(src, lambda tree: tree["backbone"].update(extra={"w": np.zeros(3, np.float32)}))
+    convert_fails(capsys, [src, tmp_path / "dst"], src / "params", "unexpected array",
+                  "'backbone.extra.w'")
+    assert not (tmp_path / "dst").exists()
 
 
 # -- the entry points, in a fresh process --------------------------------------------------------------

@@ -144,7 +144,7 @@ def _np_dtype(name: str) -> np.dtype:
 def cast_tensor(key: str, array: np.ndarray, dtype) -> np.ndarray:
     """``array`` cast to ``dtype`` if floating (``A_log``, ``D``, ``dt_bias``: to float32)."""
     import jax.numpy as jnp
-    from mamba2_jax.convert.orbax_format import FLOAT32_PARAMS
+    from mamba2_jax.convert.hf_layout import FLOAT32_PARAMS
 
     if not jnp.issubdtype(array.dtype, jnp.floating):
         return array
@@ -271,13 +271,23 @@ def convert(src: Path, dst: Path, *, tp: int | None, dtype: str | None, fmt: str
     config, src_dtype, tensors, keys = read_source(
         src, tp=(1 if tp is None else tp) if fmt == "orbax" else None)
     dtype = None if dtype is None else _np_dtype(dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(dst, force=force) as tmp:
-        if fmt == "orbax":
-            orbax_format.write(tmp, config, tensors, tp=1 if tp is None else tp,
-                               dtype=src_dtype if dtype is None else dtype, progress=True)
-        else:
-            write_hf(tmp, config, tensors, keys, dtype)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(dst, force=force) as tmp:
+            if fmt == "orbax":
+                orbax_format.write(tmp, config, tensors, tp=1 if tp is None else tp,
+                                   dtype=src_dtype if dtype is None else dtype, progress=True)
+            else:
+                write_hf(tmp, config, tensors, keys, dtype)
+    except (ConvertError, MemoryError):
+        raise
+    except OSError as e:
+        what = e.strerror or str(e)
+        where = f"; {e.filename}" if e.filename is not None else ""
+        raise ConvertError(f"{dst}: cannot write the checkpoint ({_one_line(what)}{where})") from e
+    except Exception as e:  # orbax / safetensors errors
+        raise ConvertError(f"{dst}: cannot write the checkpoint ({type(e).__name__}: "
+                           f"{_one_line(e)})") from e
 
 
 def main(argv=None) -> int:

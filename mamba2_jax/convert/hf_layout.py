@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+FLOAT32_PARAMS = ("A_log", "D", "dt_bias")  # per-head SSM parameters are always float32
 MAMBA_SSM_EMBEDDING = "backbone.embedding."
 HF_EMBEDDING = "backbone.embeddings."
 
@@ -65,3 +66,8 @@ def to_hf(path, array: np.ndarray) -> np.ndarray:
     if key.endswith("conv1d.weight"):
         return np.ascontiguousarray(array[:, None, :])
     return np.asarray(array)
+
+
+def param_dtype(path, dtype) -> np.dtype:
+    """Storage dtype of the parameter at ``path`` for a model in ``dtype`` (float32 for A_log, D, dt_bias)."""
+    return np.dtype(np.float32) if str(path[-1]) in FLOAT32_PARAMS else np.dtype(dtype)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mamba2_jax.config import ConfigError, Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
-from mamba2_jax.convert.hf_layout import from_hf, hf_key, path_to_str, to_hf
+from mamba2_jax.convert.hf_layout import from_hf, hf_key, param_dtype, path_to_str, to_hf
 from mamba2_jax.sharding.layout import check_tp
 from mamba2_jax.sharding.params import layout_param, param_sharding, unlayout_param
 
@@ -39,7 +39,6 @@ FORMAT = "mamba2-jax/orbax"
 VERSION = 1
 LAYOUT_FILE = "mamba2_jax.json"
 PARAMS_DIR = "params"
-FLOAT32_PARAMS = ("A_log", "D", "dt_bias")  # per-head SSM parameters stay float32
 LAYOUT_NOTE = ("in_proj.kernel columns and conv1d channels shard-major [z_r|x_r|B_r|C_r|dt_r] / "
                "[x_r|B_r|C_r] per tensor rank r, B/C groups duplicated when tp % n_groups == 0")
 
@@ -86,10 +85,6 @@ def _lookup(tree: dict, path):
     for part in path:
         node = node[str(part)]
     return node
-
-
-def param_dtype(path, dtype):
-    return np.dtype(np.float32) if str(path[-1]) in FLOAT32_PARAMS else np.dtype(dtype)
 
 
 def natural_param_paths(config: Mamba2Config):
@@ -220,8 +215,8 @@ def load(directory, *, dtype=None, mesh=None, progress: bool = False):
     layout = read_layout(directory)
     try:
         config = Mamba2Config.from_pretrained(directory)
-    except ConfigError as e:
-        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
+    except ConfigError as e:  # its message already names config.json
+        raise CheckpointError(str(e)) from None
     dtype = jnp.dtype(layout["dtype"] if dtype is None else dtype)
     tp_ckpt = layout["tensor_parallel"]
     tp = 1 if mesh is None else mesh.shape.get("tensor", 1)

@@ -22,17 +22,12 @@ from tqdm.auto import tqdm
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
 from mamba2_jax.convert.hf_layout import (
-    canonical_key, from_hf, hf_key, hf_shape, path_to_str, to_hf)
+    canonical_key, from_hf, hf_key, hf_shape, param_dtype, path_to_str, to_hf)
 from mamba2_jax.convert.readers import find_weights, read_tensors
 from mamba2_jax.nn.model import Mamba2ForCausalLM
 from mamba2_jax.sharding.layout import check_tp
 from mamba2_jax.sharding.params import layout_param, param_sharding, unlayout_param
 
-FLOAT32_PARAMS = ("A_log", "D", "dt_bias")  # per-head SSM parameters stay float32
-
-
-def _param_dtype(path, dtype):
-    return jnp.float32 if str(path[-1]) in FLOAT32_PARAMS else dtype
 
 
 def abstract_model(config: Mamba2Config, dtype=jnp.float32, mesh=None):
@@ -66,7 +61,7 @@ def model_from_tensors(config: Mamba2Config, tensors, *, dtype, mesh=None, where
     for path, var in tqdm(flat, desc="loading", unit="tensor", disable=not progress):
         if not isinstance(var, nnx.Param):
             continue
-        value = np.asarray(from_hf(path, tensors[hf_key(path)])).astype(_param_dtype(path, dtype))
+        value = np.asarray(from_hf(path, tensors[hf_key(path)])).astype(param_dtype(path, dtype))
         value = layout_param(path_to_str(path), value, config, tp)
         var.set_value(jnp.asarray(value) if mesh is None else
                       jax.device_put(value, param_sharding(var, mesh)))
