@@ -31,6 +31,23 @@ def resolve_impl(impl: str, *, op: str, pallas_available: bool = False,
     return impl
 
 
+MODEL_IMPLS = ("auto", "xla", "pallas", "interpret")
+
+
+def op_kwargs(impl: str, *, has_kernel: bool) -> dict:
+    """A model-level ``impl`` -> the ``impl`` / ``interpret`` keywords for one op.
+
+    ``"auto"`` and ``"xla"`` pass through; ``"pallas"`` uses the op's Pallas kernel where it has
+    one and XLA otherwise; ``"interpret"`` is ``"pallas"`` with the kernels in interpret mode
+    (runs on the CPU, for tests).
+    """
+    if impl not in MODEL_IMPLS:
+        raise ValueError(f"impl must be one of {MODEL_IMPLS}, got {impl!r}")
+    if impl in ("pallas", "interpret"):
+        return dict(impl="pallas", interpret=impl == "interpret") if has_kernel else dict(impl="xla")
+    return dict(impl=impl)
+
+
 def process_dt(dt, dt_bias=None, dt_softplus: bool = False, dt_limit=(0.0, float("inf"))):
     """The time step as every Mamba-2 op sees it, in float32.
 

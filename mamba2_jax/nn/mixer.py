@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mamba2_jax.config import Mamba2Config
+from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
@@ -187,7 +188,8 @@ class MambaMixer2(nnx.Module):
         conv = causal_conv1d(
             xbc[0] if cu is not None else xbc, a["weight"][0, 0], bias,
             initial_states=a["conv_state"][:, 0, 0] if "conv_state" in a else None,
-            cu_seqlens=cu, activation="silu", return_final_states=return_state, impl=impl)
+            cu_seqlens=cu, activation="silu", return_final_states=return_state,
+            **op_kwargs(impl, has_kernel=False))
         xbc, conv_state = conv if return_state else (conv, None)
         x, B, C = self._split_xbc(xbc[None] if cu is not None else xbc, plan.heads_cp,
                                   plan.groups_cp)
@@ -195,7 +197,7 @@ class MambaMixer2(nnx.Module):
             x, a["dt"][:, :, 0, 0], a["A"][0, 0], B, C, chunk_size=c.chunk_size, D=a["D"][0, 0],
             dt_bias=a["dt_bias"][0, 0], dt_softplus=True, dt_limit=c.time_step_limit,
             initial_states=a["ssm_state"][:, 0, 0] if "ssm_state" in a else None,
-            cu_seqlens=cu, return_final_states=return_state, impl=impl)
+            cu_seqlens=cu, return_final_states=return_state, **op_kwargs(impl, has_kernel=True))
         if not return_state:  # the final states are only computed when asked for
             return dict(y=scan[:, :, None, None])
         y, ssm_state = scan
@@ -207,11 +209,13 @@ class MambaMixer2(nnx.Module):
         c, local = self.config, self.local_sizes
         xbc, conv_state = causal_conv1d_update(
             a["xbc"][:, 0], a["conv_state"][:, 0], a["weight"][0],
-            a["bias"][0] if "bias" in a else None, activation="silu", impl=impl)
+            a["bias"][0] if "bias" in a else None, activation="silu",
+            **op_kwargs(impl, has_kernel=False))
         x, B, C = self._split_xbc(xbc, local.heads, local.groups_local)
         y, ssm_state = selective_state_update(
             a["ssm_state"][:, 0], x, a["dt"][:, 0], a["A"][0], B, C, D=a["D"][0],
-            dt_bias=a["dt_bias"][0], dt_softplus=True, dt_limit=c.time_step_limit, impl=impl)
+            dt_bias=a["dt_bias"][0], dt_softplus=True, dt_limit=c.time_step_limit,
+            **op_kwargs(impl, has_kernel=True))
         return dict(y=y[:, None], conv=conv_state[:, None], ssm=ssm_state[:, None])
 
     # -- prefill / decode -------------------------------------------------------------------------
@@ -222,6 +226,8 @@ class MambaMixer2(nnx.Module):
 
         ``cu_seqlens [nseq + 1]``: ``u`` is ``[1, t, d]`` holding packed sequences, each started
         from its own state (``state`` and the returned state then have ``nseq`` rows).
+        ``impl``: "auto" | "xla" | "pallas" (Pallas kernels where an op has one) | "interpret"
+        (the same in Pallas interpret mode, on the CPU); see ``kernels.common.op_kwargs``.
         """
         c, plan, local = self.config, self.plan, self.local_sizes
         b, l = u.shape[:2]

@@ -109,15 +109,22 @@ class Mamba2ForCausalLM(nnx.Module):
         return self.lm_head(h.astype(self.lm_head.kernel[...].dtype)).astype(jnp.float32)
 
     def init_state(self, batch_size: int) -> ModelState:
-        """The zero state of every layer (before any token), sharded like the mixers on a mesh."""
+        """The zero state of every layer (before any token), sharded like the mixers on a mesh.
+
+        Every layer gets its own buffers (so the state can be donated).
+        """
         plan = self.plan
-        state = init_mixer_state(self.config, batch_size, self.param_dtype, tp=plan.tp)
-        if self.mesh is not None:
+
+        def zeros():
+            state = init_mixer_state(self.config, batch_size, self.param_dtype, tp=plan.tp)
+            if self.mesh is None:
+                return state
             bx = plan.batch_axis(batch_size)
-            state = MixerState(
+            return MixerState(
                 jax.device_put(state.conv, NamedSharding(self.mesh, P(bx, "tensor", None))),
                 jax.device_put(state.ssm, NamedSharding(self.mesh, P(bx, "tensor", None, None))))
-        return tuple(state for _ in self.backbone.layers)
+
+        return tuple(zeros() for _ in self.backbone.layers)
 
     def prefill(self, input_ids, state: ModelState | None = None, *, cu_seqlens=None,
                 impl: str = "auto"):

@@ -1,0 +1,184 @@
+"""End-to-end decode speed of a Mamba2-2.7B-shaped model: ours (several XLA flag sets) vs the
+weight-streaming floor and HF transformers ``generate``, on one GPU, same weights.
+
+    python scripts/bench_generate.py --out benchmarks/results [--batch 1 64]
+
+Each variant runs in its own process (XLA flags are read at start-up):
+
+* ``ours/<flags>``: ``decode_step`` jitted functionally with the state donated (ms / step), and
+  ``mamba2_jax.generate`` (compiled prefill + ``lax.while_loop`` decode): per-token time from two
+  generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel.
+* ``hf``: ``transformers.Mamba2ForCausalLM`` (bf16, CUDA, same weights), greedy ``generate``,
+  per-token time the same way.
+
+Floor per step: (weight bytes + 2 x recurrent-state bytes of the batch) / measured copy bandwidth.
+Random bf16 weights (seed 0), tied embeddings, prompt 64 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG = dict(hidden_size=2560, num_hidden_layers=64, num_heads=80, head_dim=64, n_groups=1,
+              state_size=128, vocab_size=50288, chunk_size=256, expand=2, conv_kernel=4,
+              tie_word_embeddings=True)
+TRITON_TARGET = "__gpu$xla.gpu.triton"
+VARIANTS = {
+    "default": "",
+    "command_buffers_off": "--xla_gpu_enable_command_buffer=",
+    "triton_in_command_buffers": f"--legacy_command_buffer_custom_call_targets={TRITON_TARGET}",
+}
+TINY = dict(CONFIG, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
+            vocab_size=256, chunk_size=16)  # --tiny: a smoke test of the script
+PROMPT = 64
+
+
+def _median_time(fn, sync, reps=5):
+    sync(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def worker_ours(batches, n1, n2, impl):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from mamba2_jax.config import Mamba2Config
+    from mamba2_jax.generate import generate
+    from mamba2_jax.nn.model import Mamba2ForCausalLM
+
+    config = Mamba2Config(**CONFIG)
+    model = Mamba2ForCausalLM(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    a = jnp.zeros((512 << 20,), jnp.uint32)
+    copy = jax.jit(lambda v: v ^ 1)
+    copy_s = _median_time(lambda: copy(a), jax.block_until_ready, reps=7)
+    bandwidth = 2 * a.nbytes / copy_s
+    del a
+    step = jax.jit(lambda p, t, s: nnx.merge(graphdef, p).decode_step(t, s, impl=impl),
+                   donate_argnums=2)
+    rows = []
+    for b in batches:
+        ids = jnp.asarray(np.random.default_rng(b).integers(0, config.vocab_size, (b, PROMPT)),
+                          jnp.int32)
+        state = model.init_state(b)
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        tok = ids[:, -1]
+        box = [state]
+
+        def one():
+            out, box[0] = step(params, tok, box[0])
+            return out
+
+        one()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            out = one()
+        jax.block_until_ready(out)
+        step_ms = (time.perf_counter() - t0) / 50 * 1e3
+        gen = {n: _median_time(lambda n=n: generate(model, ids, n, impl=impl),
+                               jax.block_until_ready, reps=3) for n in (n1, n2)}
+        per_token_ms = (gen[n2] - gen[n1]) / (n2 - n1) * 1e3
+        floor_ms = (weight_bytes + 2 * state_bytes) / bandwidth * 1e3
+        rows.append(dict(batch=b, decode_step_ms=step_ms, generate_ms_per_step=per_token_ms,
+                         generate_tokens_per_s=b / per_token_ms * 1e3, floor_ms=floor_ms,
+                         generate_fraction_of_floor=floor_ms / per_token_ms,
+                         weight_bytes=weight_bytes, state_bytes=state_bytes,
+                         copy_bandwidth_Bps=bandwidth))
+    return dict(jax=jax.__version__, device=jax.devices()[0].device_kind, impl=impl, rows=rows)
+
+
+def worker_hf(batches, n1, n2):
+    import numpy as np
+    import torch
+    import transformers
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mamba2_jax.config import Mamba2Config
+    from mamba2_jax.convert.pretrained import hf_state_dict
+    from mamba2_jax.nn.model import Mamba2ForCausalLM
+
+    config = Mamba2Config(**CONFIG)
+    tensors = hf_state_dict(Mamba2ForCausalLM(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    hf_config = transformers.Mamba2Config(**config.to_hf_dict())
+    with torch.device("cuda"):
+        model = transformers.Mamba2ForCausalLM(hf_config).to(torch.bfloat16).eval()
+    state = {k: torch.from_numpy(np.asarray(v, np.float32)).to(torch.bfloat16)
+             for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    sync = lambda _: torch.cuda.synchronize()
+    rows = []
+    for b in batches:
+        ids = torch.from_numpy(np.random.default_rng(b).integers(0, config.vocab_size,
+                                                                 (b, PROMPT))).cuda()
+        def run(n):
+            with torch.no_grad():
+                return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        gen = {n: _median_time(lambda n=n: run(n), sync, reps=2) for n in (n1, n2)}
+        per_token_ms = (gen[n2] - gen[n1]) / (n2 - n1) * 1e3
+        rows.append(dict(batch=b, generate_ms_per_step=per_token_ms,
+                         generate_tokens_per_s=b / per_token_ms * 1e3))
+    fast = getattr(transformers.models.mamba2.modeling_mamba2, "is_fast_path_available", None)
+    return dict(transformers=transformers.__version__, torch=torch.__version__,
+                fast_path_available=bool(fast), rows=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["xla_ops", "hf"])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
+    args = ap.parse_args()
+    if args.tiny:
+        CONFIG.update(TINY)
+    if args.worker is not None:
+        if args.worker == "hf":
+            result = worker_hf(args.batch, 4, 12)
+        else:
+            result = worker_ours(args.batch, 16, 80, "xla" if args.worker == "xla_ops" else "auto")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    results = {}
+    for variant in args.variants:
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS.get(variant, "")).strip()
+        cmd = [sys.executable, __file__, "--worker", variant, "--batch", *map(str, args.batch),
+               *(["--tiny"] if args.tiny else [])]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            results[variant] = dict(error=(proc.stderr or proc.stdout)[-800:])
+        else:
+            results[variant] = dict(json.loads(lines[-1][7:]), xla_flags=env["XLA_FLAGS"])
+        print(variant, json.dumps(results[variant])[:600], flush=True)
+    device = next((r["device"] for r in results.values() if "device" in r), "unknown")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"generate_2.7b_{device.replace(' ', '_')}.json").write_text(json.dumps(dict(
+        model="mamba2-2.7b-shaped, random bf16, tied", prompt=PROMPT,
+        date=datetime.date.today().isoformat(), variants=results), indent=2))
+
+
+if __name__ == "__main__":
+    main()
