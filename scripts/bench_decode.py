@@ -6,6 +6,14 @@ pool) against mamba_ssm's Triton ``selective_state_update``, same inputs, same t
 Timer: as ``bench_kernels.py`` (wall clock around back-to-back calls + sync, median), plus, for
 mamba_ssm, the replay of a captured CUDA graph. Achieved state bandwidth = 2 x (state bytes of
 the b rows) / time, reported against the measured copy bandwidth.
+
+    python scripts/bench_decode.py --conv --out benchmarks/results
+
+``--conv`` runs only the decode conv update instead: ours (Pallas, in place on a donated pool)
+against our XLA reference (``impl="xla"``, also jitted with the pool donated); mamba_ssm's conv
+update is a CUDA extension, not a Triton kernel, so it is not a peer here. Achieved bandwidth =
+(pool bytes of the b rows read + written, x, y, weight and bias bytes) / time. Writes
+``conv_update_<device>.json``.
 """
 
 from __future__ import annotations
@@ -25,13 +33,94 @@ from bench_kernels import ceilings, cuda_graph, timeit  # noqa: E402
 
 SHAPES = [(h, p, g, n, b) for (h, p, g, n) in ((80, 64, 1, 128), (128, 64, 8, 128))
           for b in (1, 64, 256)]
+CONV_SHAPES = [(5376, 4, b) for b in (1, 64, 256)]  # (channels c, width k, batch b), bf16
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default=".peers")
     ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    ap.add_argument("--conv", action="store_true",
+                    help="benchmark the conv1d update (ours vs XLA) instead of the state update")
+    return ap.parse_args(argv)
+
+
+def conv_bytes(b, c, k, itemsize=2):
+    """Bytes one conv update must move: the b named pool rows read and written, x in, y out,
+    weight and bias (each once)."""
+    return (2 * b * c * (k - 1) + 2 * b * c + c * k + c) * itemsize
+
+
+def bench_conv(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mamba2_jax.kernels.conv1d import causal_conv1d_update
+
+    try:  # the copy-bandwidth ceiling is measured with torch when it is there
+        import torch
+
+        bandwidth = ceilings(torch)[0] if torch.cuda.is_available() else None
+    except ImportError:
+        bandwidth = None
+    device = jax.devices()[0].device_kind
+    jsync = lambda out: jax.block_until_ready(out) if out is not None else None
+    rows = []
+    for c, k, b in CONV_SHAPES:
+        rng = np.random.default_rng(0)
+        slots = 2 * b
+        f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+        x, weight, bias, pool0 = f(b, c), f(c, k), f(c), f(slots, c, k - 1)
+        idx = jnp.asarray(rng.permutation(slots)[:b], jnp.int32)
+        row = dict(shape=dict(c=c, k=k, b=b, slots=slots), dtype="bfloat16")
+        outs = {}
+        for impl in ("pallas", "xla"):
+            step = jax.jit(functools.partial(causal_conv1d_update, activation="silu", impl=impl),
+                           donate_argnums=1)
+            box = [jnp.array(pool0)]  # a private copy, updated in place step after step
+
+            def run(step=step, box=box):
+                y, box[0] = step(x, box[0], weight, bias, conv_state_indices=idx)
+                return y
+
+            outs[impl] = (run(), jnp.array(box[0]))
+            name = "ours" if impl == "pallas" else "xla"
+            row[f"{name}_ms"] = timeit(run, jsync, iters=100, reps=7)
+            row[f"{name}_GBps"] = conv_bytes(b, c, k) / (row[f"{name}_ms"] * 1e-3) / 1e9
+            if bandwidth:
+                row[f"{name}_bandwidth_fraction"] = row[f"{name}_GBps"] * 1e9 / bandwidth
+        (y_p, pool_p), (y_x, pool_x) = outs["pallas"], outs["xla"]
+        y_p, y_x = y_p.astype(jnp.float32), y_x.astype(jnp.float32)
+        row["first_step_rel_err"] = float(jnp.linalg.norm(y_p - y_x) / jnp.linalg.norm(y_x))
+        row["first_step_pool_equal"] = bool(jnp.array_equal(pool_p, pool_x))
+        rows.append(row)
+        print(json.dumps(row))
+
+    result = dict(op="causal_conv1d_update", device=device, date=datetime.date.today().isoformat(),
+                  jax=jax.__version__, copy_bandwidth_Bps=bandwidth, dtype="bfloat16",
+                  bytes="2*b*c*(k-1) pool + 2*b*c x/y + c*k weight + c bias, x 2 bytes",
+                  timer="wall clock over back-to-back jitted calls (pool donated) + sync, median",
+                  rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("conv_update_" + device.replace(" ", "_") + ".json")).write_text(
+        json.dumps(result, indent=2))
+    print("| c, k | b | XLA µs | ours µs | ours GB/s | ours / copy bw |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["shape"]
+        frac = r.get("ours_bandwidth_fraction")
+        print(f"| {s['c']}, {s['k']} | {s['b']} | {r['xla_ms'] * 1e3:.1f} "
+              f"| {r['ours_ms'] * 1e3:.1f} | {r['ours_GBps']:.0f} "
+              f"| {'n/a' if frac is None else f'{frac:.0%}'} |")
+
+
+def main():
+    args = parse_args()
+    if args.conv:
+        bench_conv(args)
+        return
 
     import jax
     import jax.numpy as jnp

@@ -210,7 +210,7 @@ class MambaMixer2(nnx.Module):
         xbc, conv_state = causal_conv1d_update(
             a["xbc"][:, 0], a["conv_state"][:, 0], a["weight"][0],
             a["bias"][0] if "bias" in a else None, activation="silu",
-            **op_kwargs(impl, has_kernel=False))
+            **op_kwargs(impl, has_kernel=True))
         x, B, C = self._split_xbc(xbc, local.heads, local.groups_local)
         y, ssm_state = selective_state_update(
             a["ssm_state"][:, 0], x, a["dt"][:, 0], a["A"][0], B, C, D=a["D"][0],

@@ -327,5 +327,11 @@ def test_impl_selection():
         causal_conv1d_update(x[:, 0], pool, w, bias, impl="bogus")
     with pytest.raises(NotImplementedError):
         causal_conv1d(x, w, bias, impl="pallas")
-    with pytest.raises(NotImplementedError):
-        causal_conv1d_update(x[:, 0], pool, w, bias, impl="pallas", interpret=True)
+    # The update has a Pallas kernel (tests/kernels/test_conv1d_update_pallas.py).
+    y_p, pool_p = causal_conv1d_update(x[:, 0], pool, w, bias, impl="pallas", interpret=True)
+    y_x, pool_x = causal_conv1d_update(x[:, 0], pool, w, bias, impl="xla")
+    np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pool_p, pool_x)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="interpret=True"):
+            causal_conv1d_update(x[:, 0], pool, w, bias, impl="pallas")

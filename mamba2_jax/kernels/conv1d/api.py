@@ -7,17 +7,25 @@ first) or are zero; ``act`` is ``silu`` (alias ``"swish"``) or ``None`` (identit
 
 Dtype policy: float32 arithmetic; ``y`` in ``x.dtype``; returned states in the dtype of the
 states passed in (``x.dtype`` when none are).
+
+Backends: the prefill ``causal_conv1d`` is XLA only (k shifted multiply-adds fuse into one
+memory-bound loop); the decode ``causal_conv1d_update`` has a Pallas (Triton) kernel that
+updates the state pool in place (``pallas_update.py``).
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import check_cu_seqlens, resolve_impl
+from mamba2_jax.kernels.conv1d.pallas_update import causal_conv1d_update_pallas
 from mamba2_jax.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from mamba2_jax.typing import Array
 
 ACTIVATIONS = (None, "silu", "swish")
+log = logging.getLogger("mamba2_jax")
 
 
 def _shape(a):
@@ -52,6 +60,14 @@ def _check_weight_bias(op, weight, bias, c):
         raise ValueError(f"{op}: bias must be [c] == ({c},), got {_shape(bias)}")
     _check_float(op, "weight", weight)
     _check_float(op, "bias", bias)
+
+
+def _update_pallas_unsupported(x, conv_state) -> str | None:
+    """Why the Pallas update kernel cannot take these inputs, or None. Any c works (a ragged
+    last channel block is masked); empty arrays do not."""
+    if 0 in x.shape or conv_state.shape[0] == 0:
+        return f"empty input: x {_shape(x)}, conv_state {_shape(conv_state)}"
+    return None
 
 
 def causal_conv1d(
@@ -131,7 +147,10 @@ def causal_conv1d_update(
       conv_state_indices: [b] int slot of each row, or None (then slots == b, row r -> slot r).
         A negative index marks a padding row: it reads a zero state and writes nothing
         (indices >= slots are treated the same way). Repeated valid indices are undefined.
-      impl: "auto" | "xla" | "pallas"; interpret: run a Pallas kernel in interpret mode.
+      impl: "auto" | "xla" | "pallas" (auto: the Pallas kernel on a GPU, XLA elsewhere; inputs
+        the kernel cannot take fall back to XLA with a logged reason); interpret: run the Pallas
+        kernel in interpret mode (CPU). The Pallas kernel updates the pool in place when the
+        caller donates it (``jax.jit(..., donate_argnums=...)``).
 
     Returns:
       ``(y [b, c] in x.dtype, new pool [slots, c, k-1] in conv_state.dtype)``: each named slot
@@ -155,6 +174,15 @@ def causal_conv1d_update(
                              f"per row (slots == b == {b}), got {_shape(conv_state)}")
     else:
         _check_indices(op, "conv_state_indices", conv_state_indices, b)
-    resolve_impl(impl, op=op, pallas_available=False, interpret=interpret)
+    backend = resolve_impl(impl, op=op, pallas_available=True, interpret=interpret)
+    if backend == "pallas":
+        reason = _update_pallas_unsupported(x, conv_state)
+        if reason is None:
+            idx = (jnp.arange(b, dtype=jnp.int32) if conv_state_indices is None
+                   else conv_state_indices.astype(jnp.int32))
+            return causal_conv1d_update_pallas(x, conv_state, weight, bias, idx,
+                                               silu=activation is not None, interpret=interpret)
+        log.warning("%s: Pallas kernel cannot take this input (%s); using the XLA reference",
+                    op, reason)
     return causal_conv1d_update_ref(x, conv_state, weight, bias, activation=activation,
                                     conv_state_indices=conv_state_indices)

@@ -30,7 +30,7 @@ def _ssu_kernel(idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, b
     ps = pl.ds(pb * bp, bp)
     slot = idx_ref[r]
     valid = (slot >= 0) & (slot < state_ref.shape[0])
-    s = state_ref[jnp.maximum(slot, 0), j, ps, :].astype(jnp.float32)  # [bp, n]
+    s = state_ref[jnp.where(valid, slot, 0), j, ps, :].astype(jnp.float32)  # [bp, n]
     s = jnp.where(valid, s, 0.0)
     dt = dt_ref[r, j] + bias_ref[j]
     if softplus:
