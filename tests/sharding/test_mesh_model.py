@@ -24,9 +24,16 @@ from mamba2_jax.generate import generate
 from mamba2_jax.nn.mixer import MambaMixer2
 from mamba2_jax.nn.model import Mamba2ForCausalLM
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
-from mamba2_jax.sharding import in_proj_shard_rows, make_mesh, shard_conv, shard_in_proj
+from mamba2_jax.sharding import in_proj_shard_rows, make_mesh
 from mamba2_jax.sharding.params import place_params
 from mamba2_jax.sharding.plan import MixerPlan
+
+from test_layout import (  # tests/sharding is on sys.path
+    explicit_conv_shard,
+    explicit_in_proj_shard,
+    vllm_sharded_loader,
+    vllm_specs,
+)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 
@@ -159,16 +166,21 @@ def test_device_shards_are_the_shard_major_layout(g, tp):
     model, _ = on_mesh(g, tensor=tp)
     mixer = model.backbone.layers[1].mixer
     w = tensors["backbone.layers.1.mixer.in_proj.weight"]
-    expected = shard_in_proj(w, config, tp)                 # [tp, local, d]; see test_layout
-    blocks = _by_rank(mixer.in_proj.kernel[...], expected.shape[1])
+    conv_w = tensors["backbone.layers.1.mixer.conv1d.weight"][:, 0, :]
+    in_spec, conv_spec = vllm_specs(config, tp)
+    if g == 1 or g % tp == 0:       # what vLLM's mamba_v2_sharded_weight_loader gives rank r
+        want_in = [vllm_sharded_loader(w, in_spec, tp, r) for r in range(tp)]
+        want_conv = [vllm_sharded_loader(conv_w, conv_spec, tp, r) for r in range(tp)]
+    else:                           # 1 < g < tp: the explicit statement of group duplication
+        want_in = [explicit_in_proj_shard(w, config, tp, r) for r in range(tp)]
+        want_conv = [explicit_conv_shard(conv_w, config, tp, r) for r in range(tp)]
+    blocks = _by_rank(mixer.in_proj.kernel[...], want_in[0].shape[0])
     assert sorted(blocks) == list(range(tp))
     for r in range(tp):
-        np.testing.assert_array_equal(blocks[r].T, expected[r])
-    conv = shard_conv(tensors["backbone.layers.1.mixer.conv1d.weight"], config, tp)[:, :, 0, :]
-    weight = mixer.conv1d.weight[...]
-    for shard in weight.addressable_shards:
-        r = (shard.index[0].start or 0) // conv.shape[1]
-        np.testing.assert_array_equal(np.asarray(shard.data), conv[r])
+        np.testing.assert_array_equal(blocks[r].T, want_in[r])
+    for shard in mixer.conv1d.weight[...].addressable_shards:
+        r = (shard.index[0].start or 0) // want_conv[0].shape[0]
+        np.testing.assert_array_equal(np.asarray(shard.data), want_conv[r])
     rows = in_proj_shard_rows(config, tp)
     bias = tensors["backbone.layers.1.mixer.in_proj.bias"]
     for r, block in _by_rank(mixer.in_proj.bias[...], rows.shape[1]).items():
