@@ -14,6 +14,17 @@ against our XLA reference (``impl="xla"``, also jitted with the pool donated); m
 update is a CUDA extension, not a Triton kernel, so it is not a peer here. Achieved bandwidth =
 (pool bytes of the b rows read + written, x, y, weight and bias bytes) / time. Writes
 ``conv_update_<device>.json``.
+
+    python scripts/bench_decode.py --conv-prefill --out benchmarks/results
+
+``--conv-prefill`` runs only the prefill ``causal_conv1d`` instead: ours (``impl="pallas"``)
+against our XLA reference (``impl="xla"``), both jitted, bf16, c=5376, k=4, dense b=1 l=8192,
+b=4 l=4096 and packed varlen (4 sequences, 8192 tokens), each without states and with initial
+states in + final states out. Our kernel is also timed at a few (block_t, block_c, num_warps)
+configurations; the default one and the best are reported. Achieved bandwidth = (x read + y
+written + weight and bias + initial states read + final states written) / time, against the
+measured copy bandwidth. Writes ``conv_prefill_<device>.json``. (``--smoke``, hidden: tiny
+shapes, interpret mode, runs on the CPU.)
 """
 
 from __future__ import annotations
@@ -34,6 +45,13 @@ from bench_kernels import ceilings, cuda_graph, timeit  # noqa: E402
 SHAPES = [(h, p, g, n, b) for (h, p, g, n) in ((80, 64, 1, 128), (128, 64, 8, 128))
           for b in (1, 64, 256)]
 CONV_SHAPES = [(5376, 4, b) for b in (1, 64, 256)]  # (channels c, width k, batch b), bf16
+# Prefill conv: (name, b, l, cu_seqlens or None), c=5376, k=4, bf16.
+PREFILL_SHAPES = [("dense", 1, 8192, None), ("dense", 4, 4096, None),
+                  ("varlen", 1, 8192, (0, 1000, 1003, 5000, 8192))]
+PREFILL_C, PREFILL_K = 5376, 4
+# Kernel configurations tried for ours: (block_t, block_c, num_warps); the first is the default.
+PREFILL_CONFIGS = [(32, 256, 4), (16, 256, 4), (64, 128, 4), (64, 256, 8), (32, 128, 4),
+                   (128, 64, 4)]
 
 
 def parse_args(argv=None):
@@ -42,6 +60,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--conv", action="store_true",
                     help="benchmark the conv1d update (ours vs XLA) instead of the state update")
+    ap.add_argument("--conv-prefill", action="store_true",
+                    help="benchmark the prefill causal_conv1d (ours vs XLA) instead")
+    # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -116,8 +138,137 @@ def bench_conv(args):
               f"| {'n/a' if frac is None else f'{frac:.0%}'} |")
 
 
+def conv_prefill_bytes(t, c, k, nseq, states, itemsize=2):
+    """Bytes one prefill conv must move: x in, y out (t tokens), weight and bias, and with
+    ``states`` the initial states read and the final states written ([nseq, c, k-1] each)."""
+    return (2 * t * c + c * k + c + (2 * nseq * c * (k - 1) if states else 0)) * itemsize
+
+
+def bench_conv_prefill(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mamba2_jax.kernels.conv1d import causal_conv1d
+    from mamba2_jax.kernels.conv1d.pallas_prefill import causal_conv1d_pallas
+
+    smoke = args.smoke
+    shapes, configs, c, k = PREFILL_SHAPES, PREFILL_CONFIGS, PREFILL_C, PREFILL_K
+    iters, reps = 20, 7
+    if smoke:  # tiny, interpret mode: checks the script runs, times mean nothing
+        shapes = [("dense", 2, 19, None), ("varlen", 1, 19, (0, 2, 2, 11, 19))]
+        configs, c, iters, reps = [(8, 16, 4), (16, 32, 4)], 40, 2, 2
+    bandwidth = None
+    if not smoke:
+        try:  # the copy-bandwidth ceiling is measured with torch when it is there
+            import torch
+
+            bandwidth = ceilings(torch)[0] if torch.cuda.is_available() else None
+        except ImportError:
+            pass
+    device = jax.devices()[0].device_kind
+    jsync = lambda out: jax.block_until_ready(out) if out is not None else None
+    rows = []
+    for name, b, l, cu in shapes:
+        rng = np.random.default_rng(0)
+        f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
+        t = b * l
+        nseq = b if cu is None else len(cu) - 1
+        x = f(t, c) if cu is not None else f(b, l, c)
+        weight, bias, init = f(c, k), f(c), f(nseq, c, k - 1)
+        cu_arr = None if cu is None else jnp.asarray(cu, jnp.int32)
+        for states in (False, True):
+            row = dict(shape=dict(layout=name, b=b, l=l, c=c, k=k, nseq=nseq,
+                                  cu_seqlens=None if cu is None else list(cu)),
+                       dtype="bfloat16", initial_and_final_states=states)
+            nbytes = conv_prefill_bytes(t, c, k, nseq, states)
+            init_s = init if states else None
+
+            def timed(fn, key, row=row, nbytes=nbytes, init_s=init_s):
+                run = lambda: fn(x, weight, bias, init_s, cu_arr)
+                out = run()
+                row[f"{key}_ms"] = timeit(run, jsync, iters=iters, reps=reps)
+                row[f"{key}_GBps"] = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
+                if bandwidth:
+                    row[f"{key}_bandwidth_fraction"] = row[f"{key}_GBps"] * 1e9 / bandwidth
+                return out
+
+            xla = jax.jit(lambda x, w, bi, ini, cs: causal_conv1d(
+                x, w, bi, initial_states=ini, cu_seqlens=cs, return_final_states=states,
+                impl="xla"))
+            ref = timed(xla, "xla")
+            best, configs_ms = None, {}
+            for bt, bc, nw in configs:
+                ours = jax.jit(functools.partial(
+                    causal_conv1d_pallas, silu=True, return_final_states=states, block_t=bt,
+                    block_c=bc, num_warps=nw, interpret=smoke))
+                key = f"ours_t{bt}_c{bc}_w{nw}"
+                try:
+                    out = timed(ours, key)
+                except Exception as e:  # a configuration that does not compile or run
+                    row.setdefault("ours_config_errors", {})[key] = f"{type(e).__name__}: {e}"[:200]
+                    continue
+                configs_ms[key] = row.pop(f"{key}_ms")
+                if (bt, bc, nw) == configs[0]:  # the default configuration
+                    for suffix in ("GBps", "bandwidth_fraction"):
+                        if f"{key}_{suffix}" in row:
+                            row[f"ours_{suffix}"] = row[f"{key}_{suffix}"]
+                    row["ours_ms"] = configs_ms[key]
+                    y_o, y_r = (out[0], ref[0]) if states else (out, ref)
+                    y_o, y_r = y_o.astype(jnp.float32), y_r.astype(jnp.float32)
+                    row["rel_err_vs_xla"] = float(jnp.linalg.norm(y_o - y_r)
+                                                  / jnp.linalg.norm(y_r))
+                    if states:
+                        row["final_states_equal"] = bool(jnp.array_equal(out[1], ref[1]))
+                for suffix in ("GBps", "bandwidth_fraction"):
+                    row.pop(f"{key}_{suffix}", None)
+                if best is None or configs_ms[key] < configs_ms[best]:
+                    best = key
+            row["ours_configs_ms"] = configs_ms
+            if best is None:
+                rows.append(row)
+                print(json.dumps(row))
+                continue
+            row["ours_best_config"], row["ours_best_ms"] = best, configs_ms[best]
+            row["ours_best_GBps"] = nbytes / (configs_ms[best] * 1e-3) / 1e9
+            if bandwidth:
+                row["ours_best_bandwidth_fraction"] = row["ours_best_GBps"] * 1e9 / bandwidth
+            rows.append(row)
+            print(json.dumps(row))
+
+    result = dict(op="causal_conv1d (prefill)", device=device,
+                  date=datetime.date.today().isoformat(), jax=jax.__version__,
+                  copy_bandwidth_Bps=bandwidth, dtype="bfloat16", activation="silu",
+                  smoke_interpret=smoke,
+                  bytes="2*t*c x/y + c*k weight + c bias (+ 2*nseq*c*(k-1) states), 2 bytes",
+                  default_config="block_t=%d, block_c=%d, num_warps=%d" % configs[0],
+                  timer="wall clock over back-to-back jitted calls + sync, median", rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("conv_prefill_" + device.replace(" ", "_") + ".json")).write_text(
+        json.dumps(result, indent=2))
+    fmt = lambda v: "n/a" if v is None else f"{v:.0%}"
+    print("| layout | b × l | states | XLA ms | XLA / copy bw | ours ms (default) "
+          "| ours / copy bw | ours best ms (config) | best / copy bw | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["shape"]
+        if "ours_ms" not in r or "ours_best_ms" not in r:
+            print(f"| {s['layout']} | {s['b']} × {s['l']} | kernel failed: "
+                  f"{r.get('ours_config_errors')} |")
+            continue
+        print(f"| {s['layout']} | {s['b']} × {s['l']} | {'in+out' if r['initial_and_final_states'] else 'none'} "
+              f"| {r['xla_ms']:.3f} | {fmt(r.get('xla_bandwidth_fraction'))} "
+              f"| {r['ours_ms']:.3f} | {fmt(r.get('ours_bandwidth_fraction'))} "
+              f"| {r['ours_best_ms']:.3f} ({r['ours_best_config'][5:]}) "
+              f"| {fmt(r.get('ours_best_bandwidth_fraction'))} | {r['rel_err_vs_xla']:.1e} |")
+
+
 def main():
     args = parse_args()
+    if args.conv_prefill or args.smoke:
+        bench_conv_prefill(args)
+        return
     if args.conv:
         bench_conv(args)
         return

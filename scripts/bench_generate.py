@@ -8,6 +8,8 @@ Each variant runs in its own process (XLA flags are read at start-up):
 * ``ours/<flags>``: ``decode_step`` jitted functionally with the state donated (ms / step), and
   ``mamba2_jax.generate`` (compiled prefill + ``lax.while_loop`` decode): per-token time from two
   generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel.
+* ``breakdown``: the projection GEMVs alone, the lm_head alone, and the decode step inside a
+  compiled 16-step loop (device time without host dispatch).
 * ``hf``: ``transformers.Mamba2ForCausalLM`` (bf16, CUDA, same weights), greedy ``generate``,
   per-token time the same way.
 
@@ -103,6 +105,62 @@ def worker_ours(batches, n1, n2, impl):
     return dict(jax=jax.__version__, device=jax.devices()[0].device_kind, impl=impl, rows=rows)
 
 
+def worker_breakdown(batches):
+    """Where a b=1 step's time goes: the 128 projection GEMVs alone, the lm_head alone, and the
+    whole decode step inside a compiled 16-step loop (no host dispatch)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mamba2_jax.config import Mamba2Config
+    from mamba2_jax.nn.model import Mamba2ForCausalLM
+
+    config = Mamba2Config(**CONFIG)
+    model = Mamba2ForCausalLM(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    i = config.intermediate_size
+    ws = [(l.mixer.in_proj.kernel[...], l.mixer.out_proj.kernel[...]) for l in model.backbone.layers]
+    emb = model.backbone.embeddings.embedding[...]
+    a = jnp.ones((1 << 31,), jnp.bfloat16)
+    read_bw = a.nbytes / _median_time(lambda: jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))(a),
+                                      jax.block_until_ready, reps=7)
+    del a
+
+    @jax.jit
+    def gemvs(ws, h):
+        for wi, wo in ws:  # a dependency chain, as in the model
+            h = (h @ wi)[:, :i] @ wo + h
+        return h
+
+    head = jax.jit(lambda e, h: jnp.einsum("bd,vd->bv", h, e, preferred_element_type=jnp.float32))
+
+    def loop(p, tok, state):
+        def body(_, carry):
+            tok, state = carry
+            logits, state = nnx.merge(graphdef, p).decode_step(tok, state, impl="xla")
+            return jnp.argmax(logits, -1).astype(jnp.int32), state
+        return jax.lax.fori_loop(0, 16, body, (tok, state))
+    loop = jax.jit(loop, donate_argnums=2)
+    rows = []
+    for b in batches:
+        h = jnp.ones((b, config.hidden_size), jnp.bfloat16)
+        gemv_s = _median_time(lambda: gemvs(ws, h), jax.block_until_ready, reps=7)
+        gemv_bytes = sum(wi.nbytes + wo.nbytes for wi, wo in ws)
+        head_s = _median_time(lambda: head(emb, h), jax.block_until_ready, reps=7)
+        box = [model.init_state(b)]
+        tok = jnp.zeros((b,), jnp.int32)
+
+        def run():
+            out, box[0] = loop(params, tok, box[0])
+            return out
+        step_s = _median_time(run, jax.block_until_ready, reps=5) / 16
+        rows.append(dict(batch=b, projections_ms=gemv_s * 1e3,
+                         projections_fraction_of_read_bw=gemv_bytes / gemv_s / read_bw,
+                         lm_head_ms=head_s * 1e3, lm_head_fraction_of_read_bw=emb.nbytes / head_s / read_bw,
+                         step_in_compiled_loop_ms=step_s * 1e3, read_bandwidth_Bps=read_bw))
+    return dict(jax=jax.__version__, device=jax.devices()[0].device_kind, rows=rows)
+
+
 def worker_hf(batches, n1, n2):
     import numpy as np
     import torch
@@ -151,6 +209,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["xla_ops", "hf"])
+    ap.add_argument("--name", default="generate_2.7b", help="result file prefix")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
     args = ap.parse_args()
@@ -159,6 +218,8 @@ def main():
     if args.worker is not None:
         if args.worker == "hf":
             result = worker_hf(args.batch, 4, 12)
+        elif args.worker == "breakdown":
+            result = worker_breakdown(args.batch)
         else:
             result = worker_ours(args.batch, 16, 80, "xla" if args.worker == "xla_ops" else "auto")
         print("RESULT " + json.dumps(result), flush=True)
@@ -180,7 +241,7 @@ def main():
     device = next((r["device"] for r in results.values() if "device" in r), "unknown")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"generate_2.7b_{device.replace(' ', '_')}.json").write_text(json.dumps(dict(
+    (out / f"{args.name}_{device.replace(' ', '_')}.json").write_text(json.dumps(dict(
         model="mamba2-2.7b-shaped, random bf16, tied", prompt=PROMPT,
         date=datetime.date.today().isoformat(), variants=results), indent=2))
 

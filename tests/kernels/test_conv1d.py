@@ -325,8 +325,9 @@ def test_impl_selection():
         causal_conv1d(x, w, bias, impl="bogus")
     with pytest.raises(ValueError, match="impl"):
         causal_conv1d_update(x[:, 0], pool, w, bias, impl="bogus")
-    with pytest.raises(NotImplementedError):
-        causal_conv1d(x, w, bias, impl="pallas")
+    # The prefill has a Pallas kernel too (tests/kernels/test_conv1d_prefill_pallas.py).
+    np.testing.assert_allclose(causal_conv1d(x, w, bias, impl="pallas", interpret=True), y_auto,
+                               rtol=1e-5, atol=1e-6)
     # The update has a Pallas kernel (tests/kernels/test_conv1d_update_pallas.py).
     y_p, pool_p = causal_conv1d_update(x[:, 0], pool, w, bias, impl="pallas", interpret=True)
     y_x, pool_x = causal_conv1d_update(x[:, 0], pool, w, bias, impl="xla")

@@ -8,9 +8,11 @@ first) or are zero; ``act`` is ``silu`` (alias ``"swish"``) or ``None`` (identit
 Dtype policy: float32 arithmetic; ``y`` in ``x.dtype``; returned states in the dtype of the
 states passed in (``x.dtype`` when none are).
 
-Backends: the prefill ``causal_conv1d`` is XLA only (k shifted multiply-adds fuse into one
-memory-bound loop); the decode ``causal_conv1d_update`` has a Pallas (Triton) kernel that
-updates the state pool in place (``pallas_update.py``).
+Backends: the prefill ``causal_conv1d`` has a Pallas (Triton) kernel (``pallas_prefill.py``)
+that runs on ``impl="pallas"``; ``impl="auto"`` keeps it on the XLA reference (k shifted
+multiply-adds that fuse into one memory-bound loop) until a GPU benchmark shows the kernel
+faster. The decode ``causal_conv1d_update`` has a Pallas (Triton) kernel that updates the state
+pool in place (``pallas_update.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import check_cu_seqlens, resolve_impl
+from mamba2_jax.kernels.conv1d.pallas_prefill import causal_conv1d_pallas
 from mamba2_jax.kernels.conv1d.pallas_update import causal_conv1d_update_pallas
 from mamba2_jax.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from mamba2_jax.typing import Array
@@ -62,6 +65,16 @@ def _check_weight_bias(op, weight, bias, c):
     _check_float(op, "bias", bias)
 
 
+def _prefill_pallas_unsupported(x, cu_seqlens) -> str | None:
+    """Why the Pallas prefill kernel cannot take these inputs, or None. Any l, t and c work
+    (ragged token and channel blocks are masked); empty arrays do not."""
+    if 0 in x.shape:
+        return f"empty input: x {_shape(x)}"
+    if cu_seqlens is not None and cu_seqlens.shape[0] < 2:
+        return f"no sequences: cu_seqlens {_shape(cu_seqlens)}"
+    return None
+
+
 def _update_pallas_unsupported(x, conv_state) -> str | None:
     """Why the Pallas update kernel cannot take these inputs, or None. Any c works (a ragged
     last channel block is masked); empty arrays do not."""
@@ -94,7 +107,10 @@ def causal_conv1d(
       activation: "silu" / "swish" or None.
       return_final_states: also return the last k-1 inputs of each sequence, [b|nseq, c, k-1],
         in ``initial_states.dtype`` (``x.dtype`` without initial states).
-      impl: "auto" | "xla" | "pallas"; interpret: run a Pallas kernel in interpret mode.
+      impl: "auto" | "xla" | "pallas". "auto" is the XLA reference on every backend for now;
+        "pallas" runs the Pallas kernel (on a GPU, or on the CPU with ``interpret``); inputs the
+        kernel cannot take (empty ones) fall back to XLA with a logged reason.
+      interpret: run the Pallas kernel in interpret mode (CPU).
 
     Returns:
       ``y`` (shape and dtype of ``x``), or ``(y, final_states)``.
@@ -121,7 +137,20 @@ def causal_conv1d(
             raise ValueError(f"{op}: initial_states must be [{lead}, c, k-1] == "
                              f"{(nseq, c, k - 1)}, got {_shape(initial_states)}")
         _check_float(op, "initial_states", initial_states)
-    resolve_impl(impl, op=op, pallas_available=False, interpret=interpret)
+    backend = resolve_impl(impl, op=op, pallas_available=True, interpret=interpret)
+    if impl == "auto":
+        # auto stays XLA until the GPU benchmark shows the kernel faster
+        # (scripts/bench_decode.py --conv-prefill); impl="pallas" runs the kernel.
+        backend = "xla"
+    if backend == "pallas":
+        reason = _prefill_pallas_unsupported(x, cu_seqlens)
+        if reason is None:
+            return causal_conv1d_pallas(x, weight, bias, initial_states, cu_seqlens,
+                                        silu=activation is not None,
+                                        return_final_states=return_final_states,
+                                        interpret=interpret)
+        log.warning("%s: Pallas kernel cannot take this input (%s); using the XLA reference",
+                    op, reason)
     return causal_conv1d_ref(x, weight, bias, initial_states=initial_states,
                              cu_seqlens=cu_seqlens, activation=activation,
                              return_final_states=return_final_states)
