@@ -122,8 +122,8 @@ def worker_breakdown(batches):
     ws = [(l.mixer.in_proj.kernel[...], l.mixer.out_proj.kernel[...]) for l in model.backbone.layers]
     emb = model.backbone.embeddings.embedding[...]
     a = jnp.ones((1 << 31,), jnp.bfloat16)
-    read_bw = a.nbytes / _median_time(lambda: jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))(a),
-                                      jax.block_until_ready, reps=7)
+    read = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
+    read_bw = a.nbytes / _median_time(lambda: read(a), jax.block_until_ready, reps=7)
     del a
 
     @jax.jit

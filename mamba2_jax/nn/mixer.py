@@ -192,7 +192,7 @@ class MambaMixer2(nnx.Module):
             xbc[0] if cu is not None else xbc, a["weight"][0, 0], bias,
             initial_states=a["conv_state"][:, 0, 0] if "conv_state" in a else None,
             cu_seqlens=cu, activation="silu", return_final_states=return_state,
-            **op_kwargs(impl, has_kernel=False))  # the prefill conv kernel has no backward yet
+            **op_kwargs(impl, has_kernel=True))
         xbc, conv_state = conv if return_state else (conv, None)
         x, B, C = self._split_xbc(xbc[None] if cu is not None else xbc, plan.heads_cp,
                                   plan.groups_cp)

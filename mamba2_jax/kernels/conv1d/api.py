@@ -17,8 +17,11 @@ pool in place (``pallas_update.py``).
 
 from __future__ import annotations
 
+import functools
+
 import logging
 
+import jax
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import check_cu_seqlens, resolve_impl
@@ -83,6 +86,41 @@ def _update_pallas_unsupported(x, conv_state) -> str | None:
     return None
 
 
+# Gradients of the Pallas prefill come from the XLA reference (a named fallback, as for SSD).
+PREFILL_BACKWARD = "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _prefill_pallas(x, weight, bias, initial_states, cu_seqlens, silu, return_final, interpret):
+    # Block sizes from the H100 sweep (benchmarks/results/conv_prefill_*.json): 16-token blocks
+    # for dense batches, 32 for packed sequences; 256 channels.
+    return causal_conv1d_pallas(x, weight, bias, initial_states, cu_seqlens, silu=silu,
+                                return_final_states=return_final,
+                                block_t=16 if cu_seqlens is None else 32, interpret=interpret)
+
+
+def _prefill_pallas_fwd(x, weight, bias, initial_states, cu_seqlens, silu, return_final,
+                        interpret):
+    out = _prefill_pallas(x, weight, bias, initial_states, cu_seqlens, silu, return_final,
+                          interpret)
+    return out, (x, weight, bias, initial_states, cu_seqlens)
+
+
+def _prefill_pallas_bwd(silu, return_final, interpret, residuals, cotangent):
+    x, weight, bias, initial_states, cu_seqlens = residuals
+
+    def reference(x, weight, bias, initial_states):
+        return causal_conv1d_ref(x, weight, bias, initial_states=initial_states,
+                                 cu_seqlens=cu_seqlens, activation="silu" if silu else None,
+                                 return_final_states=return_final)
+
+    _, vjp = jax.vjp(reference, x, weight, bias, initial_states)
+    return (*vjp(cotangent), None)
+
+
+_prefill_pallas.defvjp(_prefill_pallas_fwd, _prefill_pallas_bwd)
+
+
 def causal_conv1d(
     x: Array,
     weight: Array,
@@ -107,9 +145,11 @@ def causal_conv1d(
       activation: "silu" / "swish" or None.
       return_final_states: also return the last k-1 inputs of each sequence, [b|nseq, c, k-1],
         in ``initial_states.dtype`` (``x.dtype`` without initial states).
-      impl: "auto" | "xla" | "pallas". "auto" is the XLA reference on every backend for now;
-        "pallas" runs the Pallas kernel (on a GPU, or on the CPU with ``interpret``); inputs the
-        kernel cannot take (empty ones) fall back to XLA with a logged reason.
+      impl: "auto" | "xla" | "pallas" ("auto": the Pallas kernel on a GPU, measured 2.2-3.7x
+        faster than XLA on dense batches and on par on packed ones, H100; XLA elsewhere);
+        "pallas" on the CPU needs ``interpret``; inputs the kernel cannot take (empty ones) fall
+        back to XLA with a logged reason. Gradients of the kernel come from the XLA reference
+        (``PREFILL_BACKWARD == "xla"``, a named fallback).
       interpret: run the Pallas kernel in interpret mode (CPU).
 
     Returns:
@@ -138,17 +178,11 @@ def causal_conv1d(
                              f"{(nseq, c, k - 1)}, got {_shape(initial_states)}")
         _check_float(op, "initial_states", initial_states)
     backend = resolve_impl(impl, op=op, pallas_available=True, interpret=interpret)
-    if impl == "auto":
-        # auto stays XLA until the GPU benchmark shows the kernel faster
-        # (scripts/bench_decode.py --conv-prefill); impl="pallas" runs the kernel.
-        backend = "xla"
     if backend == "pallas":
         reason = _prefill_pallas_unsupported(x, cu_seqlens)
         if reason is None:
-            return causal_conv1d_pallas(x, weight, bias, initial_states, cu_seqlens,
-                                        silu=activation is not None,
-                                        return_final_states=return_final_states,
-                                        interpret=interpret)
+            return _prefill_pallas(x, weight, bias, initial_states, cu_seqlens,
+                                   activation is not None, return_final_states, interpret)
         log.warning("%s: Pallas kernel cannot take this input (%s); using the XLA reference",
                     op, reason)
     return causal_conv1d_ref(x, weight, bias, initial_states=initial_states,
