@@ -36,6 +36,10 @@ VARIANTS = {  # (jax 0.11.2's XLA captures Triton custom calls in command buffer
     "default": "",
     "command_buffers_off": "--xla_gpu_enable_command_buffer=",
 }
+EXTRA_FLAGS = {  # flags of the other variants (xla_ops, hf, breakdown*)
+    "breakdown_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "xla_ops_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+}
 TINY = dict(CONFIG, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
             vocab_size=256, chunk_size=16)  # --tiny: a smoke test of the script
 PROMPT = 64
@@ -133,6 +137,9 @@ def worker_breakdown(batches):
         return h
 
     head = jax.jit(lambda e, h: jnp.einsum("bd,vd->bv", h, e, preferred_element_type=jnp.float32))
+    head_vd = jax.jit(lambda e, h: jnp.einsum("vd,bd->vb", e, h,       # weight-major output
+                                              preferred_element_type=jnp.float32).T)
+    head_bf16 = jax.jit(lambda e, h: jnp.einsum("bd,vd->bv", h, e))    # bf16 output
 
     def loop(p, tok, state):
         def body(_, carry):
@@ -147,6 +154,8 @@ def worker_breakdown(batches):
         gemv_s = _median_time(lambda: gemvs(ws, h), jax.block_until_ready, reps=7)
         gemv_bytes = sum(wi.nbytes + wo.nbytes for wi, wo in ws)
         head_s = _median_time(lambda: head(emb, h), jax.block_until_ready, reps=7)
+        head_vd_s = _median_time(lambda: head_vd(emb, h), jax.block_until_ready, reps=7)
+        head_bf16_s = _median_time(lambda: head_bf16(emb, h), jax.block_until_ready, reps=7)
         box = [model.init_state(b)]
         tok = jnp.zeros((b,), jnp.int32)
 
@@ -157,6 +166,7 @@ def worker_breakdown(batches):
         rows.append(dict(batch=b, projections_ms=gemv_s * 1e3,
                          projections_fraction_of_read_bw=gemv_bytes / gemv_s / read_bw,
                          lm_head_ms=head_s * 1e3, lm_head_fraction_of_read_bw=emb.nbytes / head_s / read_bw,
+                         lm_head_weight_major_ms=head_vd_s * 1e3, lm_head_bf16_out_ms=head_bf16_s * 1e3,
                          step_in_compiled_loop_ms=step_s * 1e3, read_bandwidth_Bps=read_bw))
     return dict(jax=jax.__version__, device=jax.devices()[0].device_kind, rows=rows)
 
@@ -218,17 +228,18 @@ def main():
     if args.worker is not None:
         if args.worker == "hf":
             result = worker_hf(args.batch, 4, 12)
-        elif args.worker == "breakdown":
+        elif args.worker.startswith("breakdown"):
             result = worker_breakdown(args.batch)
         else:
-            result = worker_ours(args.batch, 16, 80, "xla" if args.worker == "xla_ops" else "auto")
+            impl = "xla" if args.worker.startswith("xla_ops") else "auto"
+            result = worker_ours(args.batch, 16, 80, impl)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     results = {}
     for variant in args.variants:
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS.get(variant, "")).strip()
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + {**VARIANTS, **EXTRA_FLAGS}.get(variant, "")).strip()
         cmd = [sys.executable, __file__, "--worker", variant, "--batch", *map(str, args.batch),
                *(["--tiny"] if args.tiny else [])]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
