@@ -50,3 +50,18 @@ greedy = m2.generate(model, ids, 8)
 sampled = m2.generate(model, ids, 8, temperature=0.8, top_p=0.9, seed=1)
 print(np.asarray(greedy[:, 10:]))
 print(np.asarray(sampled[:, 10:]))
+
+# %% [markdown]
+# On a mesh: `make_mesh(data=, tensor=, context=)` over the devices present (here all of them;
+# on a CPU that is one device unless `jax_num_cpu_devices` is set). The parameters are laid out
+# for the `tensor` size and placed with their NamedShardings; the numbers do not change.
+# `mamba2-convert path ckpt --tp N` writes a checkpoint already laid out for N tensor shards.
+
+# %%
+from mamba2_jax.sharding import make_mesh
+
+mesh = make_mesh(tensor=jax.device_count())
+sharded = m2.load_pretrained(path, mesh=mesh)
+kernel = sharded.backbone.layers[0].mixer.in_proj.kernel[...]
+print(mesh.shape, kernel.sharding.spec)
+print("same logits on the mesh:", bool(jnp.allclose(sharded(ids), logits, atol=1e-4)))

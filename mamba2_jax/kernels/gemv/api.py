@@ -1,0 +1,94 @@
+"""Public small-batch GEMV: ``out = x @ w (+ bias)``, validation + dispatch.
+
+x [m, K] (or [..., K]: leading axes are flattened into m and restored), w [K, N] in the
+Flax orientation ([in, out], row-major), bias [N] or None. x and w share one float dtype
+(bfloat16, float16 or float32); products accumulate in float32; the output is in ``x.dtype``.
+This matches ``nnx.Linear`` (``dot_general`` in the param dtype, float32 accumulation on GPU)
+within one rounding of the output.
+
+Backends: ``impl="pallas"`` is the split-K Triton kernel (``pallas_gemv.py``), made for small
+m, where XLA's GEMV does not reach the memory bandwidth; ``impl="xla"`` is ``reference.py``.
+``impl="auto"`` takes the kernel on a GPU when ``m <= MAX_AUTO_ROWS`` (16), XLA otherwise.
+``block_n`` / ``block_k`` / ``splits`` (and ``method``, ``num_warps``, ``num_stages``) override
+the kernel's launch parameters (for sweeps); they are ignored by XLA.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from mamba2_jax.kernels.common import resolve_impl
+from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, SM_COUNT,
+                                                 gemv_pallas)
+from mamba2_jax.kernels.gemv.reference import gemv_ref
+
+MAX_AUTO_ROWS = 16
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+log = logging.getLogger("mamba2_jax")
+
+
+def _sm_count() -> int:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or SM_COUNT) if dev.platform == "gpu" else SM_COUNT
+
+
+def _check_block(name, v):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1
+                          or (name != "splits" and v & (v - 1))):
+        what = "a positive integer" if name == "splits" else "a positive power of two"
+        raise ValueError(f"gemv: {name} must be {what} or None, got {v!r}")
+
+
+def gemv(x, w, bias=None, *, impl: str = "auto", interpret: bool = False, block_n=None,
+         block_k=None, splits=None, method=None, num_warps: int = NUM_WARPS,
+         num_stages: int = NUM_STAGES):
+    """``x @ w (+ bias)`` in ``x.dtype`` with float32 accumulation; see the module docstring."""
+    op = "gemv"
+    for name, a in (("x", x), ("w", w)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise ValueError(f"{op}: {name} must be an array, got {type(a).__name__}")
+    if x.ndim < 1:
+        raise ValueError(f"{op}: x must be [m, K] (or [..., K]), got a scalar")
+    if w.ndim != 2:
+        raise ValueError(f"{op}: w must be [K, N], got shape {tuple(w.shape)}")
+    K, N = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"{op}: x.shape[-1] must equal w.shape[0] == {K}, got x "
+                         f"{tuple(x.shape)} and w {tuple(w.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"{op}: w must have x's dtype {x.dtype}, got {w.dtype} (cast one first)")
+    if bias is not None:
+        if not hasattr(bias, "shape") or tuple(bias.shape) != (N,):
+            raise ValueError(f"{op}: bias must be [N] == ({N},), got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"{op}: bias must be a floating-point array, got {bias.dtype}")
+    for name, v in (("block_n", block_n), ("block_k", block_k), ("splits", splits)):
+        _check_block(name, v)
+    if method is not None and method not in METHODS:
+        raise ValueError(f"{op}: method must be one of {METHODS} or None, got {method!r}")
+    if method == "dot" and any(v is not None and v < 16 for v in (block_n, block_k)):
+        raise ValueError(f"{op}: method='dot' needs block_n and block_k >= 16")
+
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m *= d
+    backend = resolve_impl(impl, op=op, pallas_available=True, interpret=interpret)
+    if impl == "auto" and m > MAX_AUTO_ROWS:
+        backend = "xla"
+    if backend == "pallas" and 0 in (m, K, N):
+        log.warning("%s: empty input (x %s, w %s): using the XLA reference", op,
+                    tuple(x.shape), tuple(w.shape))
+        backend = "xla"
+    if backend == "xla":
+        return gemv_ref(x, w, bias)
+    out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
+                      method=method, num_warps=num_warps, num_stages=num_stages,
+                      sm_count=_sm_count(), interpret=interpret)
+    return out.reshape(*lead, N)

@@ -1,0 +1,211 @@
+"""Pallas (Triton backend) split-K GEMV for small batch: ``out = x @ w (+ bias)``.
+
+x [m, K], w [K, N] (row-major, Flax orientation [in, out]), m small (<= 16 is the target).
+At batch 1 a decode step is a chain of matrix-vector products that must stream every weight
+byte once; the kernel is built to read ``w`` at memory speed.
+
+Grid (cdiv(N, bn), S): program (j, s) owns columns ``j*bn : (j+1)*bn`` and the K slab
+``s*ks : (s+1)*ks`` (``ks`` a multiple of ``bk``). It walks the slab in ``bk``-row tiles
+(``lax.fori_loop`` when there is more than one); each tile row is ``bn`` contiguous elements
+of ``w`` (coalesced), the matching ``x`` tile ``[mp, bk]`` is loaded once per k-tile (it is tiny
+and stays in L2). It writes its float32 partial sums ``[m, bn]`` into ``partials[s]``; an XLA
+``sum(axis=0)`` (+ bias, cast to ``x.dtype``) finishes, ``S * m * N * 4`` bytes of extra
+traffic (0.6% of the weight bytes for m=1, K=2560, N=10576, S=8).
+
+Two ways to combine a tile (``method``):
+
+* ``"fma"`` (m <= 8 by default): ``acc[mp, bk, bn] += x[:, :, None] * w[None, :, :]`` in
+  float32, elementwise (no tensor cores: m is below the 16 rows ``tl.dot`` wants); the sum over
+  the ``bk`` axis is deferred to one reduction after the loop, so the loop body has no
+  cross-thread traffic. The accumulator costs ``mp * bk * bn`` float32 registers per program,
+  so the default ``bk`` shrinks as m grows (``ACC_BUDGET``).
+* ``"dot"`` (m > 8 by default): ``acc[mp, bn] += dot(x[mp, bk], w[bk, bn])`` with ``mp >= 16``
+  (rows beyond m load as zeros), float32 accumulation on the tensor cores; float32 inputs use
+  ``precision=HIGHEST`` (no TF32).
+
+``mp`` is ``next_pow2(m)`` (at least 16 for ``"dot"``): Triton needs power-of-two arrays, so
+x rows ``>= m`` are masked loads of zero and never stored. Ragged shapes are masked, nothing is
+padded in memory: a last column block past N (10576 = 82.6 * 128) masks its ``w`` columns and
+its stores, a last K slab past K masks its ``w`` rows and ``x`` columns.
+
+Defaults (``default_config``): ``bn = 128`` (64 for m > 2 with ``"fma"``), ``bk`` from the
+accumulator budget (64 for m = 1), and ``S`` the smallest divisor of the number of k-tiles that
+gives at least ``PROGRAMS_PER_SM * sm_count`` programs (4 x 132 on an H100), so that every SM
+has several programs streaming at once; without such a divisor, ``S = cdiv(target, nb)`` and the
+last slab is masked.
+
+Dtype policy: x and w share one float dtype; products and sums in float32; the output in
+``x.dtype`` (``nnx.Linear`` computes ``dot_general`` in the param dtype with float32
+accumulation on GPU, so the two agree within one rounding of the output).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+SM_COUNT = 132  # H100 SXM; the API passes the device's count when it runs on a GPU
+PROGRAMS_PER_SM = 4
+ACC_BUDGET = 8192  # float32 accumulator elements per program ("fma": mp * bk * bn)
+MAX_BLOCK_K = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
+METHODS = ("fma", "dot")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_pow2(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"gemv: {name} must be a positive power of two, got {v!r}")
+    return v
+
+
+def default_method(m: int) -> str:
+    return "fma" if m <= 8 else "dot"
+
+
+def padded_rows(m: int, method: str) -> int:
+    mp = _next_pow2(m)
+    return max(mp, 16) if method == "dot" else mp
+
+
+def default_config(m: int, K: int, N: int, *, method: str | None = None,
+                   sm_count: int = SM_COUNT, programs_per_sm: int = PROGRAMS_PER_SM):
+    """``(block_n, block_k, splits)`` for an [m, K] @ [K, N] product (see the module docstring)."""
+    method = method or default_method(m)
+    mp = padded_rows(m, method)
+    if method == "fma":
+        bn = 128 if mp <= 2 else 64
+        bk = min(MAX_BLOCK_K, max(8, ACC_BUDGET // (mp * bn)))
+    else:
+        bn, bk = 128, 64
+    bn = max(16, min(bn, _next_pow2(N)))
+    bk = max(16 if method == "dot" else 1, min(bk, _next_pow2(K)))
+    nb, n_tiles = _cdiv(N, bn), _cdiv(K, bk)
+    want = min(n_tiles, max(1, _cdiv(programs_per_sm * sm_count, nb)))
+    exact = [s for s in range(want, min(2 * want, n_tiles) + 1) if n_tiles % s == 0]
+    return bn, bk, (exact[0] if exact else want)
+
+
+def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, method=None,
+         sm_count: int = SM_COUNT):
+    """The static launch plan: a dict with method, mp, bn, bk, ks (rows per slab), n_k (tiles
+    per slab), S (slabs, none empty) and grid."""
+    method = method or default_method(m)
+    if method not in METHODS:
+        raise ValueError(f"gemv: method must be one of {METHODS}, got {method!r}")
+    dbn, dbk, dS = default_config(m, K, N, method=method, sm_count=sm_count)
+    bn = dbn if block_n is None else _check_pow2("block_n", block_n)
+    bk = dbk if block_k is None else _check_pow2("block_k", block_k)
+    if method == "dot" and (bn < 16 or bk < 16):
+        raise ValueError(f"gemv: method='dot' needs block_n and block_k >= 16, got {bn}, {bk}")
+    if splits is None:
+        S = dS if (block_n is None and block_k is None) else None
+    else:
+        if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+            raise ValueError(f"gemv: splits must be a positive integer, got {splits!r}")
+        S = splits
+    n_tiles = _cdiv(K, bk)
+    if S is None:  # block sizes given, splits not: the default rule for these blocks
+        nb = _cdiv(N, bn)
+        S = min(n_tiles, max(1, _cdiv(PROGRAMS_PER_SM * sm_count, nb)))
+    n_k = _cdiv(n_tiles, min(S, n_tiles))
+    S = _cdiv(n_tiles, n_k)  # no empty slab
+    mp = padded_rows(m, method)
+    return dict(method=method, mp=mp, bn=bn, bk=bk, ks=n_k * bk, n_k=n_k, S=S,
+                grid=(_cdiv(N, bn), S))
+
+
+def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
+                 precision):
+    j, s = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(j * bn, bn)
+    ragged_n = N % bn != 0
+    cols = n0 + jnp.arange(bn, dtype=jnp.int32)
+    rows = jnp.arange(mp, dtype=jnp.int32)
+
+    def tile(t, acc):
+        k0 = pl.multiple_of(s * ks + t * bk, bk)
+        kk = k0 + jnp.arange(bk, dtype=jnp.int32)
+        # w tile [bk, bn]: rows past K (last slab) and columns past N (last block) masked.
+        wmask = None
+        if ragged_k:
+            wmask = jnp.broadcast_to((kk < K)[:, None], (bk, bn))
+        if ragged_n:
+            cm = jnp.broadcast_to((cols < N)[None, :], (bk, bn))
+            wmask = cm if wmask is None else wmask & cm
+        wt = w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)]
+        w = wt[...] if wmask is None else plt.load(wt, mask=wmask, other=0)
+        # x tile [mp, bk]: rows past m and columns past K read as zero.
+        xmask = None
+        if ragged_k:
+            xmask = jnp.broadcast_to((kk < K)[None, :], (mp, bk))
+        if mp != m:
+            rm = jnp.broadcast_to((rows < m)[:, None], (mp, bk))
+            xmask = rm if xmask is None else xmask & rm
+        xt = x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)]
+        x = xt[...] if xmask is None else plt.load(xt, mask=xmask, other=0)
+        if method == "fma":
+            return acc + x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None, :, :]
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+
+    acc = jnp.zeros((mp, bk, bn) if method == "fma" else (mp, bn), jnp.float32)
+    acc = tile(0, acc) if n_k == 1 else jax.lax.fori_loop(0, n_k, tile, acc)
+    if method == "fma":
+        acc = jnp.sum(acc, axis=1)  # the one cross-thread reduction, after the loop
+    out = o_ref.at[s, pl.ds(0, mp), pl.ds(n0, bn)]
+    if mp != m or ragged_n:
+        omask = (jnp.broadcast_to((rows < m)[:, None], (mp, bn))
+                 & jnp.broadcast_to((cols < N)[None, :], (mp, bn)))
+        plt.store(out, acc, mask=omask)
+    else:
+        out[...] = acc
+
+
+def gemv_partials(x, w, *, p, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
+    """The float32 split-K partial products ``[S, m, N]`` of ``x [m, K] @ w [K, N]`` for the
+    launch plan ``p`` (from ``plan``); their sum over axis 0 is the product."""
+    m, K = x.shape
+    N = w.shape[1]
+    precision = (jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None)
+    kernel = functools.partial(
+        _gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
+        n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32),
+        grid=p["grid"],
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="gemv_splitk",
+    )(x, w)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",
+                                             "num_warps", "num_stages", "sm_count",
+                                             "interpret"))
+def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, method=None,
+                num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+                sm_count: int = SM_COUNT, interpret: bool = False):
+    """``x [m, K] @ w [K, N] (+ bias [N])`` in ``x.dtype``: the kernel's partials, summed (and
+    the bias added) in float32 by XLA. Shapes and dtypes are the caller's to check (``api.gemv``
+    does)."""
+    m, K = x.shape
+    N = w.shape[1]
+    p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
+             sm_count=sm_count)
+    out = jnp.sum(gemv_partials(x, w, p=p, num_warps=num_warps, num_stages=num_stages,
+                                interpret=interpret), axis=0)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
