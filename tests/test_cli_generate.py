@@ -22,6 +22,18 @@ def test_generate_cli_matches_library(tmp_path, capsys):
     assert f"ids: {want}" in printed and "ms/token" in printed
 
 
+def test_generate_cli_on_a_mesh(tmp_path, capsys):
+    """--tensor / --context: the same greedy tokens on a tensor x context mesh (8 CPU devices)."""
+    model = Mamba2ForCausalLM(CFG, rngs=nnx.Rngs(4))
+    save_pretrained(model, tmp_path / "m")
+    want = np.asarray(generate(model, np.asarray([[3, 1, 4, 1, 5, 9, 2, 6]]), 6))[0, 8:].tolist()
+    argv = [str(tmp_path / "m"), "--ids", "3,1,4,1,5,9,2,6", "--max-new-tokens", "6"]
+    assert main(argv + ["--tensor", "2", "--context", "2"]) == 0
+    assert f"ids: {want}" in capsys.readouterr().out
+    assert main(argv + ["--tensor", "3"]) == 2                 # 4 heads over 3 shards
+    assert "multiple of tp (3)" in capsys.readouterr().err
+
+
 def test_generate_cli_errors_are_one_line(tmp_path):
     model = Mamba2ForCausalLM(CFG, rngs=nnx.Rngs(4))
     save_pretrained(model, tmp_path / "m")

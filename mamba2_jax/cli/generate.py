@@ -24,7 +24,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def _parser():
     ap = argparse.ArgumentParser(prog="mamba2-generate", description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="HF or mamba_ssm checkpoint directory")
+    ap.add_argument("model", help="HF, mamba_ssm or mamba2-jax orbax checkpoint directory")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", help="comma-separated prompt token ids")
     src.add_argument("--prompt", help="prompt text (tokenized with DIR/tokenizer.json)")
@@ -37,6 +37,9 @@ def _parser():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="parameter dtype (default: the checkpoint's)")
+    ap.add_argument("--tensor", type=int, default=1,
+                    help="tensor-parallel size: a mesh over the first tensor x context devices")
+    ap.add_argument("--context", type=int, default=1, help="context-parallel size")
     return ap
 
 
@@ -63,7 +66,16 @@ def run(args) -> int:
             ids = [int(v) for v in args.ids.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
-    model = load_pretrained(directory, dtype=None if args.dtype is None else DTYPES[args.dtype])
+    mesh = None
+    if args.tensor * args.context > 1:
+        from mamba2_jax.sharding import make_mesh
+        n = args.tensor * args.context
+        if n > jax.device_count():
+            raise ValueError(f"--tensor {args.tensor} x --context {args.context} needs {n} "
+                             f"devices, {jax.device_count()} present")
+        mesh = make_mesh(tensor=args.tensor, context=args.context, devices=jax.devices()[:n])
+    model = load_pretrained(directory, dtype=None if args.dtype is None else DTYPES[args.dtype],
+                            mesh=mesh)
     if not ids or min(ids) < 0 or max(ids) >= model.config.vocab_size:
         raise ValueError(f"prompt ids must be non-empty and in [0, {model.config.vocab_size}), got {ids}")
     eos = args.eos if args.eos is not None else model.config.eos_token_id
