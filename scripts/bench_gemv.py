@@ -27,10 +27,14 @@ import functools
 import json
 import math
 import os
-import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import timeit  # noqa: E402  (same timer as the other benchmarks)
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -68,20 +72,6 @@ def parse_args(argv=None):
     # CPU smoke test: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
-
-
-def timeit(fn, sync, *, iters, reps, warmup=2):
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(iters):
-            out = fn()
-        sync(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times) * 1e3  # ms
 
 
 def read_bandwidth(jnp, jax, sync, nbytes, iters, reps):

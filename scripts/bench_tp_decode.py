@@ -15,9 +15,12 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import timeit  # noqa: E402  (same timer as the other benchmarks)
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -29,20 +32,6 @@ CONFIGS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, n_groups=1,
                  state_size=16, vocab_size=256, chunk_size=16),               # a smoke test
 }
-
-
-def timeit(fn, *, iters=20, reps=7):
-    import jax
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(iters):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times) * 1e3
 
 
 def main():
@@ -95,7 +84,7 @@ def main():
                 out, box[0] = step(params, tok, box[0])
                 return out
 
-            ms = timeit(one)
+            ms = timeit(one, jax.block_until_ready, iters=20, reps=7)
             row = dict(run=name, tp=1 if mesh is None else mesh.shape["tensor"], batch=b,
                        prefill_last_logits_rel_diff_vs_no_mesh=rel, decode_step_ms=ms,
                        tokens_per_s=b / (ms * 1e-3))
