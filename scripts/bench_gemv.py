@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 

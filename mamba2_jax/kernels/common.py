@@ -34,18 +34,65 @@ def resolve_impl(impl: str, *, op: str, pallas_available: bool = False,
 MODEL_IMPLS = ("auto", "xla", "pallas", "interpret")
 
 
-def op_kwargs(impl: str, *, has_kernel: bool) -> dict:
+def op_kwargs(impl: str) -> dict:
     """A model-level ``impl`` -> the ``impl`` / ``interpret`` keywords for one op.
 
-    ``"auto"`` and ``"xla"`` pass through; ``"pallas"`` uses the op's Pallas kernel where it has
-    one and XLA otherwise; ``"interpret"`` is ``"pallas"`` with the kernels in interpret mode
-    (runs on the CPU, for tests).
+    ``"auto"``, ``"xla"`` and ``"pallas"`` pass through; ``"interpret"`` is ``"pallas"`` with the
+    kernels in interpret mode (runs on the CPU, for tests).
     """
     if impl not in MODEL_IMPLS:
         raise ValueError(f"impl must be one of {MODEL_IMPLS}, got {impl!r}")
-    if impl in ("pallas", "interpret"):
-        return dict(impl="pallas", interpret=impl == "interpret") if has_kernel else dict(impl="xla")
+    if impl == "interpret":
+        return dict(impl="pallas", interpret=True)
     return dict(impl=impl)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block shapes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def check_pow2(name: str, v, *, op: str | None = None) -> int:
+    """``v`` if it is a positive power of two (a block size), else a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+        raise ValueError(f"{op + ': ' if op else ''}{name} must be a positive power of two, "
+                         f"got {v!r}")
+    return v
+
+
+def pick_warps(elements: int, num_warps: int) -> int:
+    """A power of two <= ``num_warps`` (at least 1) with at most ``elements / 32`` warps, so a
+    block of ``elements`` covers every thread (no element replicated across warps)."""
+    w = max(1, min(num_warps, elements // 32))
+    return 1 << (w.bit_length() - 1)
+
+
+def static_index(i: int):
+    """A static index as an int32 scalar: Pallas interpret mode's masked load/store rules do not
+    take bare Python ints next to slices or index arrays."""
+    return jnp.int32(i)
+
+
+def with_reference_gradient(forward, reference):
+    """``forward(static, *args, cu_seqlens)`` (a Pallas forward) made differentiable with the
+    gradient of ``reference(static, *args, cu_seqlens)`` (``jax.vjp`` of the pure-JAX twin, a
+    recompute: the named XLA backward of the kernels that have no Pallas backward).
+
+    ``static`` is hashable and not differentiated; ``cu_seqlens`` (integer, may be None) gets
+    no cotangent.
+    """
+    fn = jax.custom_vjp(forward, nondiff_argnums=(0,))
+
+    def fwd(static, *args):
+        return forward(static, *args), args
+
+    def bwd(static, args, cotangent):
+        *diff_args, cu_seqlens = args
+        _, vjp = jax.vjp(lambda *a: reference(static, *a, cu_seqlens), *diff_args)
+        return (*vjp(cotangent), None)
+
+    fn.defvjp(fwd, bwd)
+    return fn
 
 
 def process_dt(dt, dt_bias=None, dt_softplus: bool = False, dt_limit=(0.0, float("inf"))):

@@ -155,15 +155,11 @@ class MambaMixer2(nnx.Module):
 
     def _conv_params(self, split):
         """Conv weight ``[tp, .., k]`` / bias ``[tp, ..]`` with the channel axis ``split``."""
-        local = self.local_sizes
+        local = self.plan.local
         out = dict(weight=split(self.conv1d.weight[...].reshape(local.tp, local.conv_dim_local, -1)))
         if self.conv1d.bias is not None:
             out["bias"] = split(self.conv1d.bias[...].reshape(local.tp, local.conv_dim_local))
         return out
-
-    @property
-    def local_sizes(self):
-        return self.plan.local
 
     def _split_xbc(self, xbc, heads, groups):
         c = self.config
@@ -192,7 +188,7 @@ class MambaMixer2(nnx.Module):
             xbc[0] if cu is not None else xbc, a["weight"][0, 0], bias,
             initial_states=a["conv_state"][:, 0, 0] if "conv_state" in a else None,
             cu_seqlens=cu, activation="silu", return_final_states=return_state,
-            **op_kwargs(impl, has_kernel=True))
+            **op_kwargs(impl))
         xbc, conv_state = conv if return_state else (conv, None)
         x, B, C = self._split_xbc(xbc[None] if cu is not None else xbc, plan.heads_cp,
                                   plan.groups_cp)
@@ -200,7 +196,7 @@ class MambaMixer2(nnx.Module):
             x, a["dt"][:, :, 0, 0], a["A"][0, 0], B, C, chunk_size=c.chunk_size, D=a["D"][0, 0],
             dt_bias=a["dt_bias"][0, 0], dt_softplus=True, dt_limit=c.time_step_limit,
             initial_states=a["ssm_state"][:, 0, 0] if "ssm_state" in a else None,
-            cu_seqlens=cu, return_final_states=return_state, **op_kwargs(impl, has_kernel=True))
+            cu_seqlens=cu, return_final_states=return_state, **op_kwargs(impl))
         if not return_state:  # the final states are only computed when asked for
             return dict(y=scan[:, :, None, None])
         y, ssm_state = scan
@@ -214,17 +210,17 @@ class MambaMixer2(nnx.Module):
         them with their neighbours, which measured faster end to end than the Pallas kernels
         (H100, 2.7B-shaped bf16, benchmarks/BENCHMARKS.md). "pallas" / "interpret" use the kernels.
         """
-        c, local = self.config, self.local_sizes
+        c, local = self.config, self.plan.local
         impl = DECODE_AUTO if impl == "auto" else impl
         xbc, conv_state = causal_conv1d_update(
             a["xbc"][:, 0], a["conv_state"][:, 0], a["weight"][0],
             a["bias"][0] if "bias" in a else None, activation="silu",
-            **op_kwargs(impl, has_kernel=True))
+            **op_kwargs(impl))
         x, B, C = self._split_xbc(xbc, local.heads, local.groups_local)
         y, ssm_state = selective_state_update(
             a["ssm_state"][:, 0], x, a["dt"][:, 0], a["A"][0], B, C, D=a["D"][0],
             dt_bias=a["dt_bias"][0], dt_softplus=True, dt_limit=c.time_step_limit,
-            **op_kwargs(impl, has_kernel=True))
+            **op_kwargs(impl))
         return dict(y=y[:, None], conv=conv_state[:, None], ssm=ssm_state[:, None])
 
     # -- prefill / decode -------------------------------------------------------------------------
@@ -235,10 +231,10 @@ class MambaMixer2(nnx.Module):
 
         ``cu_seqlens [nseq + 1]``: ``u`` is ``[1, t, d]`` holding packed sequences, each started
         from its own state (``state`` and the returned state then have ``nseq`` rows).
-        ``impl``: "auto" | "xla" | "pallas" (Pallas kernels where an op has one) | "interpret"
+        ``impl``: "auto" | "xla" | "pallas" (the Pallas kernels) | "interpret"
         (the same in Pallas interpret mode, on the CPU); see ``kernels.common.op_kwargs``.
         """
-        c, plan, local = self.config, self.plan, self.local_sizes
+        c, plan, local = self.config, self.plan, self.plan.local
         b, l = u.shape[:2]
         if cu_seqlens is not None and b != 1:
             raise ValueError(f"MambaMixer2: packed sequences (cu_seqlens) need u [1, t, d], "
@@ -285,7 +281,7 @@ class MambaMixer2(nnx.Module):
 
     def step(self, u, state: MixerState, *, mup_vector=None, impl: str = "auto"):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""
-        c, plan, local = self.config, self.plan, self.local_sizes
+        c, plan, local = self.config, self.plan, self.plan.local
         b, tp = u.shape[0], plan.tp
         z, xbc, dt = self._project(u, mup_vector)
         args = dict(xbc=xbc, dt=dt, **self._conv_params(lambda a: a),

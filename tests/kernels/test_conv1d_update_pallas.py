@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mamba2_jax.kernels.conv1d import causal_conv1d_update
-from mamba2_jax.kernels.conv1d.pallas_update import (_pick_warps, causal_conv1d_update_pallas,
+from mamba2_jax.kernels.common import pick_warps
+from mamba2_jax.kernels.conv1d.pallas_update import (causal_conv1d_update_pallas,
                                                      pick_block_c)
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -110,8 +111,8 @@ def test_block_and_warp_choice():
     assert pick_block_c(24) == 32 and pick_block_c(64, 16) == 16 and pick_block_c(1) == 1
     with pytest.raises(ValueError):
         pick_block_c(64, 48)
-    assert _pick_warps(256, 4) == 4 and _pick_warps(64, 4) == 2 and _pick_warps(16, 4) == 1
-    assert _pick_warps(512, 8) == 8 and _pick_warps(96, 8) == 2
+    assert pick_warps(256, 4) == 4 and pick_warps(64, 4) == 2 and pick_warps(16, 4) == 1
+    assert pick_warps(512, 8) == 8 and pick_warps(96, 8) == 2
 
 
 def test_in_place_under_jit_with_donation():

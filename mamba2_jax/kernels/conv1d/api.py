@@ -17,14 +17,12 @@ pool in place (``pallas_update.py``).
 
 from __future__ import annotations
 
-import functools
 
 import logging
 
-import jax
 import jax.numpy as jnp
 
-from mamba2_jax.kernels.common import check_cu_seqlens, resolve_impl
+from mamba2_jax.kernels.common import check_cu_seqlens, resolve_impl, with_reference_gradient
 from mamba2_jax.kernels.conv1d.pallas_prefill import causal_conv1d_pallas
 from mamba2_jax.kernels.conv1d.pallas_update import causal_conv1d_update_pallas
 from mamba2_jax.kernels.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
@@ -90,8 +88,8 @@ def _update_pallas_unsupported(x, conv_state) -> str | None:
 PREFILL_BACKWARD = "xla"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _prefill_pallas(x, weight, bias, initial_states, cu_seqlens, silu, return_final, interpret):
+def _prefill_forward(static, x, weight, bias, initial_states, cu_seqlens):
+    silu, return_final, interpret = static
     # Block sizes from the H100 sweep (benchmarks/results/conv_prefill_*.json): 16-token blocks
     # for dense batches, 32 for packed sequences; 256 channels.
     return causal_conv1d_pallas(x, weight, bias, initial_states, cu_seqlens, silu=silu,
@@ -99,26 +97,14 @@ def _prefill_pallas(x, weight, bias, initial_states, cu_seqlens, silu, return_fi
                                 block_t=16 if cu_seqlens is None else 32, interpret=interpret)
 
 
-def _prefill_pallas_fwd(x, weight, bias, initial_states, cu_seqlens, silu, return_final,
-                        interpret):
-    out = _prefill_pallas(x, weight, bias, initial_states, cu_seqlens, silu, return_final,
-                          interpret)
-    return out, (x, weight, bias, initial_states, cu_seqlens)
+def _prefill_reference(static, x, weight, bias, initial_states, cu_seqlens):
+    silu, return_final, _ = static
+    return causal_conv1d_ref(x, weight, bias, initial_states=initial_states,
+                             cu_seqlens=cu_seqlens, activation="silu" if silu else None,
+                             return_final_states=return_final)
 
 
-def _prefill_pallas_bwd(silu, return_final, interpret, residuals, cotangent):
-    x, weight, bias, initial_states, cu_seqlens = residuals
-
-    def reference(x, weight, bias, initial_states):
-        return causal_conv1d_ref(x, weight, bias, initial_states=initial_states,
-                                 cu_seqlens=cu_seqlens, activation="silu" if silu else None,
-                                 return_final_states=return_final)
-
-    _, vjp = jax.vjp(reference, x, weight, bias, initial_states)
-    return (*vjp(cotangent), None)
-
-
-_prefill_pallas.defvjp(_prefill_pallas_fwd, _prefill_pallas_bwd)
+_prefill_pallas = with_reference_gradient(_prefill_forward, _prefill_reference)
 
 
 def causal_conv1d(
@@ -181,8 +167,8 @@ def causal_conv1d(
     if backend == "pallas":
         reason = _prefill_pallas_unsupported(x, cu_seqlens)
         if reason is None:
-            return _prefill_pallas(x, weight, bias, initial_states, cu_seqlens,
-                                   activation is not None, return_final_states, interpret)
+            static = (activation is not None, return_final_states, interpret)
+            return _prefill_pallas(static, x, weight, bias, initial_states, cu_seqlens)
         log.warning("%s: Pallas kernel cannot take this input (%s); using the XLA reference",
                     op, reason)
     return causal_conv1d_ref(x, weight, bias, initial_states=initial_states,

@@ -43,6 +43,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from mamba2_jax.kernels.common import check_pow2, next_pow2, pick_warps, static_index
+from mamba2_jax.kernels.conv1d.reference import packed_final_states
+
 BLOCK_T = 32
 BLOCK_C = 256
 NUM_WARPS = 4
@@ -50,25 +53,11 @@ NUM_WARPS = 4
 _F32 = jnp.float32
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _check_pow2(name: str, v: int) -> None:
-    if v < 1 or v & (v - 1):
-        raise ValueError(f"{name} must be a positive power of two, got {v}")
-
-
 def pick_blocks(t: int, c: int, block_t: int = BLOCK_T, block_c: int = BLOCK_C):
     """(bt, bc): powers of two, at most the requested blocks and at most next_pow2 of the axis."""
-    _check_pow2("block_t", block_t)
-    _check_pow2("block_c", block_c)
-    return min(block_t, _next_pow2(t)), min(block_c, _next_pow2(c))
-
-
-def _i(w: int):
-    """A static tap index as an int32 scalar (kept as an array next to the index arrays)."""
-    return jnp.int32(w)
+    check_pow2("block_t", block_t)
+    check_pow2("block_c", block_c)
+    return min(block_t, next_pow2(t)), min(block_c, next_pow2(c))
 
 
 def _conv_prefill_kernel(*refs, bt, bc, t, c, k, seqlen, has_init, silu):
@@ -114,34 +103,12 @@ def _conv_prefill_kernel(*refs, bt, bc, t, c, k, seqlen, has_init, silu):
             in_h = tok_ok & (src < start)
             hrow = jnp.where(in_h, seq * (k - 1) + (k - 1) + (src - start), 0)[:, None]
             v = v + plt.load(hist_ref.at[hrow, cols2], mask=mask2(in_h), other=0).astype(_F32)
-        wv = load_c(w_ref.at[cols, _i(w)])
+        wv = load_c(w_ref.at[cols, static_index(w)])
         acc = acc + wv[None, :] * v
     if silu:
         acc = acc * jax.nn.sigmoid(acc)
     out_rows = jnp.where(tok_ok, tok, t)[:, None]  # masked rows out of range (dropped)
     plt.store(y_ref.at[out_rows, cols2], acc.astype(y_ref.dtype), mask=mask2(tok_ok))
-
-
-def final_states(x2, initial_states, cu, k, state_dtype):
-    """The last k-1 inputs of each packed sequence, ``[nseq, c, k-1]`` in ``state_dtype``.
-
-    x2 [t, c] (t >= 1); cu [nseq + 1] int32 offsets; initial_states [nseq, c, k-1] or None
-    (zeros). Position ``len - (k-1) + j`` of a sequence comes from ``x2`` when it is >= 0,
-    else from column ``k-1 + (len - (k-1) + j)`` of its initial state.
-    """
-    t = x2.shape[0]
-    lens = cu[1:] - cu[:-1]
-    rel = lens[:, None] - (k - 1) + jnp.arange(k - 1, dtype=jnp.int32)  # [nseq, k-1]
-    from_x = x2[jnp.clip(cu[:-1, None] + rel, 0, t - 1)].astype(_F32)  # [nseq, k-1, c]
-    if initial_states is None:
-        from_init = jnp.zeros((), _F32)
-    else:
-        col = jnp.clip(k - 1 + rel, 0, k - 2)  # [nseq, k-1]
-        init = initial_states.astype(_F32)
-        from_init = jnp.take_along_axis(init, col[:, None, :], axis=2)  # [nseq, c, k-1]
-        from_init = jnp.swapaxes(from_init, 1, 2)
-    final = jnp.where((rel >= 0)[:, :, None], from_x, from_init)  # [nseq, k-1, c]
-    return jnp.swapaxes(final, 1, 2).astype(state_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("silu", "return_final_states", "block_t",
@@ -183,12 +150,11 @@ def causal_conv1d_pallas(x, weight, bias, initial_states, cu_seqlens, *, silu: b
         operands.append(jnp.swapaxes(initial_states, 1, 2).reshape(nseq * (k - 1), c))
     kernel = functools.partial(_conv_prefill_kernel, bt=bt, bc=bc, t=t, c=c, k=k, seqlen=seqlen,
                                has_init=has_init, silu=silu)
-    warps = max(1, min(num_warps, bt * bc // 32))
     y2 = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
         grid=(pl.cdiv(t, bt), pl.cdiv(c, bc)),
-        compiler_params=plt.CompilerParams(num_warps=1 << (warps.bit_length() - 1),
+        compiler_params=plt.CompilerParams(num_warps=pick_warps(bt * bc, num_warps),
                                            num_stages=1),
         interpret=interpret, name="causal_conv1d_prefill",
     )(*operands)
@@ -198,4 +164,4 @@ def causal_conv1d_pallas(x, weight, bias, initial_states, cu_seqlens, *, silu: b
     if seqlen is not None:
         cu = jnp.arange(nseq + 1, dtype=jnp.int32) * seqlen
     state_dtype = x.dtype if initial_states is None else initial_states.dtype
-    return y, final_states(x2, initial_states, cu, k, state_dtype)
+    return y, packed_final_states(x2, initial_states, cu, k).astype(state_dtype)

@@ -17,7 +17,7 @@ share cache lines, so the k-1 strided accesses cost no more DRAM traffic than on
 
 In-place ordering: every program loads all its state columns before it stores any. A channel's
 loads and stores are issued by the same thread when the ``[bc]`` layout is not replicated
-across warps, which ``bc >= 32 * num_warps`` guarantees (``_pick_warps`` keeps to that). The
+across warps, which ``bc >= 32 * num_warps`` guarantees (``pick_warps`` keeps to that). The
 same pattern (load the slot, store it back through the aliased output ref) is what the state
 update kernel does; it relies on the compiler not treating the aliased in/out pointers as
 ``noalias`` (not verified on a GPU for this kernel yet: the ``gpu`` test checks it against the
@@ -38,32 +38,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from mamba2_jax.kernels.common import check_pow2, next_pow2, pick_warps, static_index
+
 BLOCK_C = 256
 NUM_WARPS = 4
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def pick_block_c(c: int, block_c: int = BLOCK_C) -> int:
     """Channels per program: a power of two, at most ``block_c`` and at most next_pow2(c)."""
-    if block_c < 1 or block_c & (block_c - 1):
-        raise ValueError(f"block_c must be a positive power of two, got {block_c}")
-    return min(block_c, _next_pow2(c))
-
-
-def _pick_warps(bc: int, num_warps: int) -> int:
-    """At most ``num_warps``, and few enough that ``bc`` covers every thread (no replicated
-    elements across warps: see the module docstring), at least 1."""
-    w = max(1, min(num_warps, bc // 32))
-    return 1 << (w.bit_length() - 1)  # a power of two
-
-
-def _i(w: int):
-    """A static tap index as an int32 scalar (the interpret-mode masked load/store rules do not
-    take bare Python ints next to a slice)."""
-    return jnp.int32(w)
+    return min(check_pow2("block_c", block_c), next_pow2(c))
 
 
 def _conv_update_kernel(idx_ref, state_ref, x_ref, w_ref, bias_ref, y_ref, out_ref, *, bc, k,
@@ -82,13 +65,13 @@ def _conv_update_kernel(idx_ref, state_ref, x_ref, w_ref, bias_ref, y_ref, out_r
         load = lambda ref: ref[...]
 
     # Every load before any store (the stores overwrite the columns read here).
-    taps = [jnp.where(valid, load(state_ref.at[safe, cs, _i(w)]).astype(jnp.float32), 0.0)
+    taps = [jnp.where(valid, load(state_ref.at[safe, cs, static_index(w)]).astype(jnp.float32), 0.0)
             for w in range(k - 1)]
     xv = load(x_ref.at[r, cs]).astype(jnp.float32)
     taps.append(xv)
     acc = load(bias_ref.at[cs]).astype(jnp.float32)
     for w in range(k):
-        acc = acc + load(w_ref.at[cs, _i(w)]).astype(jnp.float32) * taps[w]
+        acc = acc + load(w_ref.at[cs, static_index(w)]).astype(jnp.float32) * taps[w]
     if silu:
         acc = acc * jax.nn.sigmoid(acc)
 
@@ -103,7 +86,7 @@ def _conv_update_kernel(idx_ref, state_ref, x_ref, w_ref, bias_ref, y_ref, out_r
     @pl.when(valid)
     def _():
         for w in range(k - 1):  # the window shifted left by one: column w gets tap w + 1
-            store(out_ref.at[slot, cs, _i(w)], taps[w + 1])
+            store(out_ref.at[slot, cs, static_index(w)], taps[w + 1])
 
 
 @functools.partial(jax.jit, static_argnames=("silu", "block_c", "num_warps", "interpret"))
@@ -129,6 +112,6 @@ def causal_conv1d_update_pallas(x, conv_state, weight, bias, idx, *, silu: bool,
                    jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype)),
         grid=(b, pl.cdiv(c, bc)),
         input_output_aliases={1: 1},
-        compiler_params=plt.CompilerParams(num_warps=_pick_warps(bc, num_warps), num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=pick_warps(bc, num_warps), num_stages=1),
         interpret=interpret, name="causal_conv1d_update",
     )(idx.astype(jnp.int32), conv_state, x, weight, bias)

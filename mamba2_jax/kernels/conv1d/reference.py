@@ -78,11 +78,28 @@ def _packed(x, weight, bias, initial_states, cu_seqlens, activation):
     windows = inputs_at(seq[:, None], pos[:, None] + taps)  # [t, k, c]
     y = _conv_windows(jnp.swapaxes(windows, -1, -2), weight, bias, activation)
 
-    seqs = jnp.arange(nseq)
+    return y, packed_final_states(x, initial_states, cu_seqlens, k)
+
+
+def packed_final_states(x, initial_states, cu_seqlens, k):
+    """The last k-1 inputs of each packed sequence of ``x [t, c]`` (t >= 1), oldest first:
+    float32 ``[nseq, c, k-1]``. Position ``len - (k-1) + j`` of a sequence comes from ``x`` when
+    it is >= 0, else from column ``k-1 + (len - (k-1) + j)`` of its initial state (zeros when
+    ``initial_states`` is None). Shared by the reference and the Pallas prefill.
+    """
+    t = x.shape[0]
+    cu = cu_seqlens.astype(jnp.int32)
     lens = cu[1:] - cu[:-1]
-    slots = jnp.arange(k - 1) - (k - 1)  # the last k-1 positions, oldest first
-    final = inputs_at(seqs[:, None], lens[:, None] + slots)  # [nseq, k-1, c]
-    return y, jnp.swapaxes(final, -1, -2)
+    rel = lens[:, None] - (k - 1) + jnp.arange(k - 1, dtype=jnp.int32)  # [nseq, k-1]
+    from_x = x[jnp.clip(cu[:-1, None] + rel, 0, t - 1)].astype(_F32)     # [nseq, k-1, c]
+    if initial_states is None:
+        from_init = jnp.zeros((), _F32)
+    else:
+        col = jnp.clip(k - 1 + rel, 0, k - 2)                             # [nseq, k-1]
+        from_init = jnp.take_along_axis(initial_states.astype(_F32), col[:, None, :], axis=2)
+        from_init = jnp.swapaxes(from_init, 1, 2)                         # [nseq, k-1, c]
+    final = jnp.where((rel >= 0)[:, :, None], from_x, from_init)
+    return jnp.swapaxes(final, 1, 2)
 
 
 def causal_conv1d_ref(

@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from mamba2_jax.kernels.common import check_pow2, next_pow2
+
 SM_COUNT = 132  # H100 SXM; the API passes the device's count when it runs on a GPU
 PROGRAMS_PER_SM = 4
 ACC_BUDGET = 8192  # float32 accumulator elements per program ("fma": mp * bk * bn)
@@ -57,18 +59,8 @@ NUM_STAGES = 3
 METHODS = ("fma", "dot")
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _check_pow2(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
-        raise ValueError(f"gemv: {name} must be a positive power of two, got {v!r}")
-    return v
 
 
 def default_method(m: int) -> str:
@@ -76,7 +68,7 @@ def default_method(m: int) -> str:
 
 
 def padded_rows(m: int, method: str) -> int:
-    mp = _next_pow2(m)
+    mp = next_pow2(m)
     return max(mp, 16) if method == "dot" else mp
 
 
@@ -90,8 +82,8 @@ def default_config(m: int, K: int, N: int, *, method: str | None = None,
         bk = min(MAX_BLOCK_K, max(8, ACC_BUDGET // (mp * bn)))
     else:
         bn, bk = 128, 64
-    bn = max(16, min(bn, _next_pow2(N)))
-    bk = max(16 if method == "dot" else 1, min(bk, _next_pow2(K)))
+    bn = max(16, min(bn, next_pow2(N)))
+    bk = max(16 if method == "dot" else 1, min(bk, next_pow2(K)))
     nb, n_tiles = _cdiv(N, bn), _cdiv(K, bk)
     want = min(n_tiles, max(1, _cdiv(programs_per_sm * sm_count, nb)))
     exact = [s for s in range(want, min(2 * want, n_tiles) + 1) if n_tiles % s == 0]
@@ -106,8 +98,8 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
     if method not in METHODS:
         raise ValueError(f"gemv: method must be one of {METHODS}, got {method!r}")
     dbn, dbk, dS = default_config(m, K, N, method=method, sm_count=sm_count)
-    bn = dbn if block_n is None else _check_pow2("block_n", block_n)
-    bk = dbk if block_k is None else _check_pow2("block_k", block_k)
+    bn = dbn if block_n is None else check_pow2("block_n", block_n, op="gemv")
+    bk = dbk if block_k is None else check_pow2("block_k", block_k, op="gemv")
     if method == "dot" and (bn < 16 or bk < 16):
         raise ValueError(f"gemv: method='dot' needs block_n and block_k >= 16, got {bn}, {bk}")
     if splits is None:

@@ -8,12 +8,10 @@ on the chunk layout of ``layout.py``. The backward is, for now, the named fallba
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 
-from mamba2_jax.kernels.common import process_dt
+from mamba2_jax.kernels.common import process_dt, with_reference_gradient
 from mamba2_jax.kernels.ssd.layout import ChunkPlan
 from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
@@ -77,27 +75,13 @@ def _forward(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens
     return plan.from_chunks(y), plan.final_states(end, h0f), plan.chunk_states(end)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ssd_pallas(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):
-    """(y, final_states, chunk_states) from the Pallas kernels; differentiable."""
-    return _forward(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens)
+def _reference(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):
+    return ssd_chunk_scan_ref(
+        x, dt, A, B, C, chunk_size=cfg.chunk_size, D=D, z=z, dt_bias=dt_bias,
+        dt_softplus=cfg.dt_softplus, dt_limit=cfg.dt_limit, initial_states=h0,
+        cu_seqlens=cu_seqlens, return_final_states=True, return_chunk_states=True)
 
 
-def _fwd(cfg, *args):
-    return _forward(cfg, *args), args
-
-
-def _bwd(cfg, args, cotangents):
-    *diff_args, cu_seqlens = args
-
-    def reference(x, dt, A, B, C, D, z, dt_bias, h0):
-        return ssd_chunk_scan_ref(
-            x, dt, A, B, C, chunk_size=cfg.chunk_size, D=D, z=z, dt_bias=dt_bias,
-            dt_softplus=cfg.dt_softplus, dt_limit=cfg.dt_limit, initial_states=h0,
-            cu_seqlens=cu_seqlens, return_final_states=True, return_chunk_states=True)
-
-    _, vjp = jax.vjp(reference, *diff_args)
-    return (*vjp(cotangents), None)
-
-
-ssd_pallas.defvjp(_fwd, _bwd)
+# ssd_pallas(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens) -> (y, final_states,
+# chunk_states) from the Pallas kernels; differentiable (BACKWARD == "xla").
+ssd_pallas = with_reference_gradient(_forward, _reference)
