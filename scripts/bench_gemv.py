@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import timeit  # noqa: E402  (same timer as the other benchmarks)
+from bench_kernels import streaming_bandwidth, timeit  # noqa: E402  (same timer as the other benchmarks)
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -73,14 +73,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def read_bandwidth(jnp, jax, sync, nbytes, iters, reps):
-    """Bytes read per second by a jitted ``jnp.sum`` over a bf16 array of ``nbytes``."""
-    a = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    ms = timeit(functools.partial(f, a), sync, iters=iters, reps=reps)
-    return nbytes / (ms * 1e-3)
-
-
 def rel(a, b):
     import numpy as np
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -112,7 +104,7 @@ def main(argv=None):
     ours_kw = dict(impl="pallas", interpret=smoke)
     sm = _sm_count()
 
-    bw = read_bandwidth(jnp, jax, sync, (1 << 20) if smoke else (4 << 30), iters, reps)
+    bw = streaming_bandwidth((1 << 20) if smoke else (4 << 30), iters=iters, reps=reps)
     print(f"device {device}, jax {jax.__version__}, measured read bandwidth {bw / 1e9:.0f} GB/s")
 
     def weights(key, n, K, N):

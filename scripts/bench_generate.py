@@ -23,11 +23,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import streaming_bandwidth, timeit  # noqa: E402  (the shared timer)
 
 CONFIG = dict(hidden_size=2560, num_hidden_layers=64, num_heads=80, head_dim=64, n_groups=1,
               state_size=128, vocab_size=50288, chunk_size=256, expand=2, conv_kernel=4,
@@ -46,13 +48,8 @@ PROMPT = 64
 
 
 def _median_time(fn, sync, reps=5):
-    sync(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Seconds per call of one long call (``bench_kernels.timeit`` with one call a repetition)."""
+    return timeit(fn, sync, iters=1, reps=reps, warmup=1) * 1e-3
 
 
 def worker_ours(batches, n1, n2, impl):
@@ -69,13 +66,8 @@ def worker_ours(batches, n1, n2, impl):
     model = Mamba2ForCausalLM(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    a = jnp.ones((1 << 31,), jnp.bfloat16)                        # 4 GiB
-    read = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))        # streaming read
-    copy = jax.jit(lambda v: v * 2)                                # read + write
-    read_bw = a.nbytes / _median_time(lambda: read(a), jax.block_until_ready, reps=7)
-    copy_bw = 2 * a.nbytes / _median_time(lambda: copy(a), jax.block_until_ready, reps=7)
+    read_bw, copy_bw = streaming_bandwidth(), streaming_bandwidth(copy=True)
     bandwidth = max(read_bw, copy_bw)  # the floor uses the best streaming rate measured
-    del a
     step = jax.jit(lambda p, t, s: nnx.merge(graphdef, p).decode_step(t, s, impl=impl),
                    donate_argnums=2)
     rows = []
@@ -91,12 +83,7 @@ def worker_ours(batches, n1, n2, impl):
             out, box[0] = step(params, tok, box[0])
             return out
 
-        one()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            out = one()
-        jax.block_until_ready(out)
-        step_ms = (time.perf_counter() - t0) / 50 * 1e3
+        step_ms = timeit(one, jax.block_until_ready, iters=50, reps=3)
         gen = {n: _median_time(lambda n=n: generate(model, ids, n, impl=impl),
                                jax.block_until_ready, reps=3) for n in (n1, n2)}
         per_token_ms = (gen[n2] - gen[n1]) / (n2 - n1) * 1e3
@@ -125,10 +112,7 @@ def worker_breakdown(batches):
     i = config.intermediate_size
     ws = [(l.mixer.in_proj.kernel[...], l.mixer.out_proj.kernel[...]) for l in model.backbone.layers]
     emb = model.backbone.embeddings.embedding[...]
-    a = jnp.ones((1 << 31,), jnp.bfloat16)
-    read = jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32))
-    read_bw = a.nbytes / _median_time(lambda: read(a), jax.block_until_ready, reps=7)
-    del a
+    read_bw = streaming_bandwidth()
 
     @jax.jit
     def gemvs(ws, h):

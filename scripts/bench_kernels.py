@@ -45,6 +45,18 @@ def timeit(fn, sync, *, iters=10, reps=7, warmup=2):
     return statistics.median(times) * 1e3  # ms
 
 
+def streaming_bandwidth(nbytes: int = 4 << 30, *, copy: bool = False, iters=3, reps=7):
+    """Bytes per second jitted JAX streams over a bf16 array of ``nbytes``: a ``jnp.sum`` (read),
+    or with ``copy`` an elementwise ``x * 2`` (read + write, both counted)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit((lambda v: v * 2) if copy else (lambda v: jnp.sum(v, dtype=jnp.float32)))
+    ms = timeit(lambda: f(a), jax.block_until_ready, iters=iters, reps=reps)
+    return (2 if copy else 1) * nbytes / (ms * 1e-3)
+
+
 def cuda_graph(torch, fn):
     """Capture ``fn`` (already warmed up, autotuned) into a CUDA graph."""
     stream = torch.cuda.Stream()

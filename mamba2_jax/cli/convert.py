@@ -103,7 +103,7 @@ def read_source(src: Path, *, tp: int | None = None):
     from mamba2_jax.config import Mamba2Config
     from mamba2_jax.convert import orbax_format
     from mamba2_jax.convert.hf_layout import canonical_key, hf_key
-    from mamba2_jax.convert.pretrained import check_tensors
+    from mamba2_jax.convert.pretrained import check_tensors, natural_param_paths
     from mamba2_jax.convert.readers import find_weights, read_tensors
 
     _check_src(src)
@@ -113,7 +113,7 @@ def read_source(src: Path, *, tp: int | None = None):
         if tp is not None:
             _check_tp(config, tp, src / "config.json")
         config, dtype, tensors = orbax_format.read_hf_tensors(src, progress=True)
-        keys = [hf_key(path) for path, _ in orbax_format.natural_param_paths(config)]
+        keys = [hf_key(path) for path, _ in natural_param_paths(config)]
         return config, np.dtype(dtype), tensors, keys
 
     config = Mamba2Config.from_pretrained(src)

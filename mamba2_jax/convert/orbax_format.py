@@ -29,8 +29,20 @@ from tqdm.auto import tqdm
 
 from mamba2_jax.config import ConfigError, Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
-from mamba2_jax.convert.hf_layout import from_hf, hf_key, param_dtype, path_to_str, to_hf
+from mamba2_jax.convert.hf_layout import (
+    from_hf,
+    hf_key,
+    param_dtype,
+    path_to_str,
+    to_hf,
+)
+from mamba2_jax.convert.pretrained import (
+    abstract_model,
+    model_from_tensors,
+    natural_param_paths,
+)
 from mamba2_jax.sharding.layout import check_tp
+from mamba2_jax.sharding.mesh import axis_size
 from mamba2_jax.sharding.params import layout_param, param_sharding, unlayout_param
 
 log = logging.getLogger(__name__)
@@ -85,13 +97,6 @@ def _lookup(tree: dict, path):
     for part in path:
         node = node[str(part)]
     return node
-
-
-def natural_param_paths(config: Mamba2Config):
-    """``[(path, natural shape)]`` of every parameter of a ``config`` model (tp = 1)."""
-    from mamba2_jax.convert.pretrained import abstract_model
-    state = nnx.state(abstract_model(config), nnx.Param)
-    return [(path, tuple(var.get_value().shape)) for path, var in nnx.to_flat_state(state)]
 
 
 def write(directory, config: Mamba2Config, hf_tensors: dict, *, tp: int, dtype,
@@ -209,8 +214,6 @@ def read_hf_tensors(directory, *, progress: bool = False):
 def load(directory, *, dtype=None, mesh=None, progress: bool = False):
     """Load our orbax checkpoint onto ``mesh`` (see the module docstring)."""
     import orbax.checkpoint as ocp
-    from mamba2_jax.convert.pretrained import abstract_model, model_from_tensors
-
     directory = Path(directory)
     layout = read_layout(directory)
     try:
@@ -219,7 +222,7 @@ def load(directory, *, dtype=None, mesh=None, progress: bool = False):
         raise CheckpointError(str(e)) from None
     dtype = jnp.dtype(layout["dtype"] if dtype is None else dtype)
     tp_ckpt = layout["tensor_parallel"]
-    tp = 1 if mesh is None else mesh.shape.get("tensor", 1)
+    tp = axis_size(mesh, "tensor")
     if tp != tp_ckpt:
         log.warning("%s is laid out for tensor_parallel=%d; re-laying it out for tensor=%d",
                     directory, tp_ckpt, tp)

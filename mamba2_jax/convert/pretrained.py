@@ -9,6 +9,7 @@ tied model, which mamba_ssm checkpoints store as a copy of the embedding).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,12 +23,19 @@ from tqdm.auto import tqdm
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
 from mamba2_jax.convert.hf_layout import (
-    canonical_key, from_hf, hf_key, hf_shape, param_dtype, path_to_str, to_hf)
+    canonical_key,
+    from_hf,
+    hf_key,
+    hf_shape,
+    param_dtype,
+    path_to_str,
+    to_hf,
+)
 from mamba2_jax.convert.readers import find_weights, read_tensors
 from mamba2_jax.nn.model import Mamba2ForCausalLM
 from mamba2_jax.sharding.layout import check_tp
+from mamba2_jax.sharding.mesh import axis_size
 from mamba2_jax.sharding.params import layout_param, param_sharding, unlayout_param
-
 
 
 def abstract_model(config: Mamba2Config, dtype=jnp.float32, mesh=None):
@@ -36,8 +44,12 @@ def abstract_model(config: Mamba2Config, dtype=jnp.float32, mesh=None):
                                                     mesh=mesh))
 
 
-def _tp(mesh) -> int:
-    return 1 if mesh is None else mesh.shape.get("tensor", 1)
+@functools.lru_cache(maxsize=8)
+def natural_param_paths(config: Mamba2Config) -> tuple:
+    """``((path, natural shape), ...)`` of every parameter of a ``config`` model (tp = 1), in
+    model order (cached: loading, checking and converting all walk it)."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return tuple((path, tuple(var.get_value().shape)) for path, var in nnx.to_flat_state(state))
 
 
 def model_from_tensors(config: Mamba2Config, tensors, *, dtype, mesh=None, where="checkpoint",
@@ -49,7 +61,7 @@ def model_from_tensors(config: Mamba2Config, tensors, *, dtype, mesh=None, where
     ``where`` and the key.
     """
     dtype = jnp.dtype(dtype)
-    tp = _tp(mesh)
+    tp = axis_size(mesh, "tensor")
     if mesh is not None:
         try:
             check_tp(config, tp)
@@ -75,15 +87,14 @@ def check_tensors(config: Mamba2Config, tensors, *, where="checkpoint") -> list[
     key may be left over except the tied ``lm_head.weight`` copy mamba_ssm writes. Returns the
     parameters' HF keys in model order; ``CheckpointError`` names ``where`` and the key.
     """
-    natural = nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))
     keys = []
-    for path, var in natural:
+    for path, shape in natural_param_paths(config):
         key = hf_key(path)
         if key not in tensors:
             raise CheckpointError(f"{where}: missing key {key!r} (needed for a model with "
                                   f"{config.num_hidden_layers} layers, tie_word_embeddings="
                                   f"{config.tie_word_embeddings})")
-        expected = hf_shape(path, var.get_value().shape)
+        expected = hf_shape(path, shape)
         if tuple(tensors[key].shape) != expected:
             raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensors[key].shape)}, but the "
                                   f"config implies {expected}")
@@ -122,7 +133,7 @@ def load_pretrained(path, *, dtype=None, mesh=None, progress: bool = False) -> M
 def hf_state_dict(model: Mamba2ForCausalLM, *, progress: bool = False) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named numpy arrays in HF layouts (tp layout undone)."""
     out = {}
-    tp = _tp(model.mesh)
+    tp = axis_size(model.mesh, "tensor")
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     for path, var in tqdm(flat, desc="gathering", unit="tensor", disable=not progress):
         value = np.asarray(jax.device_get(var.get_value()))

@@ -32,3 +32,8 @@ def make_mesh(*, data: int = 1, tensor: int = 1, context: int = 1, devices=None)
                          f"devices, but {len(devices)} were given (pass devices=jax.devices()[:{n}])")
     return jax.make_mesh((data, tensor, context), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
+
+
+def axis_size(mesh: Mesh | None, axis: str) -> int:
+    """Size of ``axis`` on ``mesh``; 1 without a mesh or without that axis."""
+    return 1 if mesh is None else mesh.shape.get(axis, 1)

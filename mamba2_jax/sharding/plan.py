@@ -21,16 +21,17 @@ from functools import cached_property
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.sharding.layout import (
     check_cp,
     check_tp,
-    context_split_rows,
     in_proj_shard_rows,
     local_config,
 )
+from mamba2_jax.sharding.mesh import axis_size
 
 
 class MixerPlan:
@@ -38,8 +39,7 @@ class MixerPlan:
 
     def __init__(self, config: Mamba2Config, mesh: Mesh | None = None):
         self.config, self.mesh = config, mesh
-        size = (lambda axis: 1) if mesh is None else (lambda axis: mesh.shape.get(axis, 1))
-        self.tp, self.cp, self.dp = size("tensor"), size("context"), size("data")
+        self.tp, self.cp, self.dp = (axis_size(mesh, a) for a in ("tensor", "context", "data"))
         check_tp(config, self.tp)
         if self.cp > 1:
             check_cp(config, self.tp, self.cp)
@@ -67,15 +67,10 @@ class MixerPlan:
         """``[tp * in_proj_local]``: natural in_proj row of each column of the ``tp`` layout."""
         return in_proj_shard_rows(self.config, self.tp).reshape(-1)
 
-    @cached_property
-    def context_rows(self) -> np.ndarray:
-        """``[cp, c_cp]``: tensor-shard-local conv channel held by each context rank."""
-        return context_split_rows(self.config, self.tp, self.cp)
-
     def to_context(self, a, axis: int):
         """Split a tensor-shard-local channel axis ``[.., conv_dim_local, ..]`` -> ``[.., cp, c_cp, ..]``.
 
-        Equal to ``take(a, context_rows, axis)``, written with reshapes and broadcasts (which
+        Equal to ``take(a, layout.context_split_rows(config, tp, cp), axis)``, written with reshapes and broadcasts (which
         XLA partitions without gathering indices).
         """
         jnp = jax.numpy

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba2_jax.kernels.conv1d import causal_conv1d_update
 from mamba2_jax.kernels.common import pick_warps
-from mamba2_jax.kernels.conv1d.pallas_update import (causal_conv1d_update_pallas,
-                                                     pick_block_c)
+from mamba2_jax.kernels.conv1d import causal_conv1d_update
+from mamba2_jax.kernels.conv1d.pallas_update import (
+    causal_conv1d_update_pallas,
+    pick_block_c,
+)
 
 ON_GPU = jax.default_backend() == "gpu"
 F32, BF16 = jnp.float32, jnp.bfloat16

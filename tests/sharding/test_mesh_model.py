@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_layout import (  # tests/sharding is on sys.path
+    explicit_conv_shard,
+    explicit_in_proj_shard,
+    vllm_sharded_loader,
+    vllm_specs,
+)
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.convert.errors import CheckpointError
@@ -25,15 +32,9 @@ from mamba2_jax.nn.mixer import MambaMixer2
 from mamba2_jax.nn.model import Mamba2ForCausalLM
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
 from mamba2_jax.sharding import in_proj_shard_rows, make_mesh
+from mamba2_jax.sharding.layout import context_split_rows
 from mamba2_jax.sharding.params import place_params
 from mamba2_jax.sharding.plan import MixerPlan
-
-from test_layout import (  # tests/sharding is on sys.path
-    explicit_conv_shard,
-    explicit_in_proj_shard,
-    vllm_sharded_loader,
-    vllm_specs,
-)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 
@@ -314,7 +315,8 @@ def test_context_split_matches_row_table(g, tp, cp):
     plan = MixerPlan(make_config(g), mesh)
     a = jnp.asarray(np.random.default_rng(0).standard_normal((3, plan.local.conv_dim_local, 2)))
     split = plan.to_context(a, 1)
-    np.testing.assert_array_equal(split, np.take(np.asarray(a), plan.context_rows, axis=1))
+    rows = context_split_rows(make_config(g), tp, cp)
+    np.testing.assert_array_equal(split, np.take(np.asarray(a), rows, axis=1))
     np.testing.assert_array_equal(plan.from_context(split, 1), a)
 
 
