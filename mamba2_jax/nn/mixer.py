@@ -42,9 +42,6 @@ from mamba2_jax.sharding.params import logical_init, logical_param
 from mamba2_jax.sharding.plan import MixerPlan
 
 
-DECODE_AUTO = "xla"  # what impl="auto" means for the decode step's ops (see MambaMixer2._step_local)
-
-
 class MixerState(NamedTuple):
     """One layer's recurrent state: ``conv [b, conv channels, k - 1]`` and ``ssm [b, h, p, n]``.
 
@@ -204,14 +201,9 @@ class MambaMixer2(nnx.Module):
                     ssm=ssm_state[:, None, None])
 
     def _step_local(self, a, *, impl):
-        """Conv update + state update on one device's ``[b, 1, ..]`` tensor block.
-
-        ``impl="auto"`` runs both ops through XLA here: inside the compiled decode step XLA fuses
-        them with their neighbours, which measured faster end to end than the Pallas kernels
-        (H100, 2.7B-shaped bf16, benchmarks/BENCHMARKS.md). "pallas" / "interpret" use the kernels.
-        """
+        """Conv update + state update on one device's ``[b, 1, ..]`` tensor block (a dense
+        batch: ``impl="auto"`` runs both through XLA, see the ops' dispatch)."""
         c, local = self.config, self.plan.local
-        impl = DECODE_AUTO if impl == "auto" else impl
         xbc, conv_state = causal_conv1d_update(
             a["xbc"][:, 0], a["conv_state"][:, 0], a["weight"][0],
             a["bias"][0] if "bias" in a else None, activation="silu",

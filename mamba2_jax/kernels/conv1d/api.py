@@ -196,8 +196,9 @@ def causal_conv1d_update(
       conv_state_indices: [b] int slot of each row, or None (then slots == b, row r -> slot r).
         A negative index marks a padding row: it reads a zero state and writes nothing
         (indices >= slots are treated the same way). Repeated valid indices are undefined.
-      impl: "auto" | "xla" | "pallas" (auto: the Pallas kernel on a GPU, XLA elsewhere; inputs
-        the kernel cannot take fall back to XLA with a logged reason); interpret: run the Pallas
+      impl: "auto" | "xla" | "pallas" (auto: the Pallas kernel on a GPU for a slot-indexed pool,
+        XLA for a dense batch or off a GPU; inputs the kernel cannot take fall back to XLA with
+        a logged reason); interpret: run the Pallas
         kernel in interpret mode (CPU). The Pallas kernel updates the pool in place when the
         caller donates it (``jax.jit(..., donate_argnums=...)``).
 
@@ -224,6 +225,10 @@ def causal_conv1d_update(
     else:
         _check_indices(op, "conv_state_indices", conv_state_indices, b)
     backend = resolve_impl(impl, op=op, pallas_available=True, interpret=interpret)
+    if impl == "auto" and conv_state_indices is None:
+        # A dense batch: XLA fuses the update with its neighbours, measured faster inside the
+        # compiled decode step (benchmarks/BENCHMARKS.md); the kernel serves slot-indexed pools.
+        backend = "xla"
     if backend == "pallas":
         reason = _update_pallas_unsupported(x, conv_state)
         if reason is None:

@@ -106,8 +106,8 @@ def selective_state_update(
       state_batch_indices: [b] int slot of each row, or None (then slots == b, identity).
         A negative index marks a padding row: it reads a zero state (finite output) and writes
         nothing (indices >= slots likewise). Repeated valid indices are undefined.
-      impl: "auto" | "xla" | "pallas" (auto: Pallas on a GPU); interpret: run the Pallas kernel
-        in interpret mode. The Pallas kernel updates the pool in place when the caller donates
+      impl: "auto" | "xla" | "pallas" (auto: the Pallas kernel on a GPU for a slot-indexed pool,
+        XLA for a dense batch or off a GPU); interpret: run the Pallas kernel in interpret mode. The Pallas kernel updates the pool in place when the caller donates
         it (``jax.jit(..., donate_argnums=...)``).
 
     Returns:
@@ -117,6 +117,11 @@ def selective_state_update(
     _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     dt_limit = check_dt_limit(_OP, dt_limit)
     backend = resolve_impl(impl, op=_OP, pallas_available=True, interpret=interpret)
+    if impl == "auto" and state_batch_indices is None:
+        # A dense batch is an elementwise update XLA fuses with its neighbours: measured faster
+        # than the kernel inside the compiled decode step (benchmarks/BENCHMARKS.md). The kernel
+        # wins on slot-indexed pools (1.6-1.9x over XLA's gather/scatter at b >= 64).
+        backend = "xla"
     if backend == "pallas":
         reason = _pallas_unsupported(state, x, B)
         if reason is None:
