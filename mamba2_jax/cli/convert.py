@@ -144,11 +144,11 @@ def _np_dtype(name: str) -> np.dtype:
 def cast_tensor(key: str, array: np.ndarray, dtype) -> np.ndarray:
     """``array`` cast to ``dtype`` if floating (``A_log``, ``D``, ``dt_bias``: to float32)."""
     import jax.numpy as jnp
-    from mamba2_jax.convert.hf_layout import FLOAT32_PARAMS
+    from mamba2_jax.convert.hf_layout import param_dtype
 
     if not jnp.issubdtype(array.dtype, jnp.floating):
         return array
-    target = np.dtype(np.float32) if key.rsplit(".", 1)[-1] in FLOAT32_PARAMS else np.dtype(dtype)
+    target = param_dtype(key.split("."), dtype)
     return array if array.dtype == target else array.astype(target)
 
 

@@ -76,15 +76,15 @@ def _picked(init, rows, axis: int, full: int):
 class DepthwiseConv1d(nnx.Module):
     """Parameters of the causal depthwise conv: ``weight [c, k]`` (HF's [c, 1, k] squeezed), ``bias [c]``.
 
-    ``rows`` picks (and orders) the channels of the natural ``channels``-channel conv (the ``tp``
-    layout); None keeps all of them.
+    ``rows`` picks (and orders) the channels of the natural ``channels``-channel conv: the ``tp``
+    layout (``sharding.conv_shard_rows``; all channels in order when tp = 1).
     """
 
     def __init__(self, channels: int, kernel: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs,
-                 rows=None):
+                 rows):
         bound = 1.0 / math.sqrt(kernel)
         uniform = jax.nn.initializers.uniform(2 * bound)
-        rows = jnp.arange(channels) if rows is None else jnp.asarray(rows)
+        rows = jnp.asarray(rows)
         weight = uniform(rngs.params(), (channels, kernel), param_dtype) - bound
         self.weight = logical_param(weight[rows], ("ssm_heads", None))
         bias = (uniform(rngs.params(), (channels,), param_dtype) - bound) if use_bias else None
