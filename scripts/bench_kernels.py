@@ -12,7 +12,9 @@ same bytes. Writes ``ssd_<device>.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -123,6 +125,69 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync):
         outputs=timeit(lambda: outputs(x, B, C, dec, end), sync))
 
 
+def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
+    """Time our backward alone and each of its kernels alone (same inputs, same timer); the
+    inputs are chunk-aligned (l a multiple of q), as in every benchmark shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from mamba2_jax.kernels.common import process_dt
+    from mamba2_jax.kernels.ssd import pallas_bwd as kb
+    from mamba2_jax.kernels.ssd import pallas_fwd as kf
+
+    b, l, h, p = x.shape
+    n, q = B.shape[-1], cfg.chunk_size
+    first = jnp.zeros((b, l // q), jnp.int32).at[:, 0].set(1)
+    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, l // q))
+    h0 = jnp.zeros((b, h, p, n), jnp.float32)
+    dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
+    _, end = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index, chunk_size=q,
+                                    interpret=interpret)
+    dend = jnp.zeros_like(end)
+    launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
+    blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
+    dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
+    whole = jax.jit(lambda *a: kb.ssd_backward_chunked(
+        *a, chunk_size=q, block_m=cfg.bwd_block_m, block_k=cfg.block_k, heads=cfg.bwd_heads,
+        **launch))
+    states = jax.jit(lambda dy, dec, end, dend: kb.gradient_states(
+        dy, C, dec, first, index, h0, end, dend, chunk_size=q, block_k=cfg.block_k, **launch))
+    _, G, _ = states(dy, dec, end, dend)
+    dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D, **blocks))
+    dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
+                                                     **blocks))
+    return dict(
+        backward=timeit(lambda: whole(x, dtp, A, B, C, D, None, h0, first, index, None, end,
+                                      dy, dend), sync),
+        gradient_states=timeit(lambda: states(dy, dec, end, dend), sync),
+        dx_dB=timeit(lambda: dxdb(dy, dec, G), sync),
+        dC=timeit(lambda: dc(dy, dec, end), sync))
+
+
+def grad_errors(grad_ours, theirs_fwd_bwd, leaves, args, q, dy):
+    """Relative (Frobenius) error of ours' and mamba_ssm's bf16 gradients of sum(y * dy) against
+    the XLA reference's (float32 arithmetic on the same bf16 inputs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mamba2_jax.kernels.ssd import ssd_chunk_scan
+
+    def loss(x, dt, A, B, C, D, bias):
+        y = ssd_chunk_scan(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=bias, dt_softplus=True,
+                           impl="xla")
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    want = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args)
+    ours = grad_ours(*args)
+    theirs_fwd_bwd()
+    theirs = [jnp.from_dlpack(t.grad.contiguous()) for t in leaves]
+    rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
+                             / jnp.linalg.norm(b.astype(jnp.float32).ravel()))
+    names = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+    return dict(ours={k: rel(a, w) for k, a, w in zip(names, ours, want)},
+                mamba_ssm={k: rel(a, w) for k, a, w in zip(names, theirs, want)})
+
+
 def _fmt(v, spec=".3f"):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
@@ -131,17 +196,37 @@ def markdown_table(result):
     lines = [f"{result['device']}, jax {result['jax']}, triton {result['triton']}, {result['date']}",
              "",
              "| b, l, h, p, g, n, q | mamba_ssm fwd ms (graph) | ours fwd ms | ratio | roofline | "
-             "mamba_ssm fwd+bwd ms | ours fwd+bwd ms | ratio | XLA fwd ms |",
+             "mamba_ssm fwd+bwd ms (graph) | ours fwd+bwd ms | ratio (vs graph) | XLA fwd ms |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         shape = ", ".join(str(v) for v in r["shape"].values())
         lines.append(
             f"| {shape} | {_fmt(r['mamba_ssm_fwd_ms'])} ({_fmt(r.get('mamba_ssm_fwd_graph_ms'))}) | "
             f"{_fmt(r['ours_fwd_ms'])} | {_fmt(r['ratio_fwd'], '.2f')} | "
-            f"{_fmt(r['ours_fraction_of_roofline'], '.0%')} | {_fmt(r.get('mamba_ssm_fwd_bwd_ms'))} | "
-            f"{_fmt(r.get('ours_fwd_bwd_ms'))} | {_fmt(r.get('ratio_fwd_bwd'), '.2f')} | "
+            f"{_fmt(r['ours_fraction_of_roofline'], '.0%')} | {_fmt(r.get('mamba_ssm_fwd_bwd_ms'))} "
+            f"({_fmt(r.get('mamba_ssm_fwd_bwd_graph_ms'))}) | "
+            f"{_fmt(r.get('ours_fwd_bwd_ms'))} | {_fmt(r.get('ratio_fwd_bwd'), '.2f')} "
+            f"({_fmt(r.get('ratio_fwd_bwd_vs_graph'), '.2f')}) | "
             f"{_fmt(r.get('xla_fwd_ms'))} |")
     return "\n".join(lines)
+
+
+def write_results(out, device, bandwidth, matmul_rate, rows):
+    """Write ``ssd_<device>.json`` (after every shape, so a run stopped early keeps its rows)."""
+    import jax
+    import torch
+    import triton
+
+    result = dict(
+        op="ssd_chunk_scan", device=device, date=datetime.date.today().isoformat(),
+        jax=jax.__version__, triton=triton.__version__, torch=torch.__version__,
+        copy_bandwidth_Bps=bandwidth, bf16_matmul_flops=matmul_rate,
+        timer="wall clock over back-to-back calls + sync, median", rows=rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "ssd_" + device.replace(" ", "_").replace("/", "_") + ".json"
+    (out / name).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main():
@@ -152,8 +237,15 @@ def main():
     ap.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
     ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
     ap.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
-    ap.add_argument("--configs", default="64:32:64:4:3:1:1",
-                    help="our kernel configs to try: block_m:block_k:block_p:warps:stages:two_pass,...")
+    ap.add_argument("--configs", default="64:32:64:4:3:1:4",
+                    help="our forward configs to try: "
+                         "block_m:block_k:block_p:warps:stages:two_pass:row_blocks,...")
+    ap.add_argument("--bwd-configs", default="64:4:4:2",
+                    help="our backward configs to try (with the best forward): "
+                         "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages,...")
+    ap.add_argument("--grad-check", action="store_true",
+                    help="on the first shape, compare ours' and mamba_ssm's bf16 gradients with "
+                         "the XLA reference's (float32 arithmetic)")
     args = ap.parse_args()
 
     import jax
@@ -242,42 +334,69 @@ def main():
         if args.no_bwd:
             rows.append(row)
             print(json.dumps(row))
+            write_results(args.out, device, bandwidth, matmul_rate, rows)
             continue
-        # forward + backward (ours: Pallas forward, backward = named XLA fallback)
-        def loss(impl, x, dt, A, B, C, D, bias):
-            y = ssd_chunk_scan(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=bias, dt_softplus=True,
-                               impl=impl)
+        # forward + backward: ours through the Pallas backward kernels
+        def loss(cfg, x, dt, A, B, C, D, bias):
+            y = ssd_pallas(cfg, x, dt, A, B, C, D, None, bias, None, None)[0]
             return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
-        grad_ours = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=tuple(range(7))))
-        row["ours_fwd_bwd_ms"] = timeit(lambda: grad_ours(x, dt, A, B, C, D, bias), jsync, iters=3, reps=5)
-        row["ours_backward"] = "xla-reference (fallback)"
+        bwd_fields = ("bwd_block_m", "bwd_heads", "bwd_num_warps", "bwd_num_stages")
+        best_bwd = None
+        for spec in args.bwd_configs.split(","):
+            bconf = dict(zip(bwd_fields, (int(v) for v in spec.split(":"))))
+            bcfg = dataclasses.replace(cfg, **bconf)
+            grad_fn = jax.jit(jax.grad(functools.partial(loss, bcfg), argnums=tuple(range(7))))
+            try:
+                ms = timeit(lambda: grad_fn(x, dt, A, B, C, D, bias), jsync, iters=5, reps=5)
+            except Exception as e:
+                print(f"  backward config {spec} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            row.setdefault("ours_fwd_bwd_ms_by_config", {})[spec] = ms
+            if best_bwd is None or ms < best_bwd[0]:
+                best_bwd = (ms, spec, grad_fn)
+        row["ours_fwd_bwd_ms"], row["ours_bwd_config"], grad_fn = best_bwd
+        bcfg = dataclasses.replace(cfg, **dict(zip(bwd_fields, (
+            int(v) for v in row["ours_bwd_config"].split(":")))))
+        try:
+            row["ours_bwd_breakdown_ms"] = backward_breakdown(bcfg, x, dt, A, B, C, D, bias, dy,
+                                                              jsync)
+        except Exception as e:
+            row["ours_bwd_breakdown_ms"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        row["ours_backward"] = "pallas"
         leaves = [t.detach().clone().requires_grad_(True) for t in (tx, tdt, tA, tB, tC, tD, tbias)]
 
         def theirs_fwd_bwd():
+            for t in leaves:
+                t.grad = None
             y = mamba_chunk_scan_combined(*leaves[:5], q, D=leaves[5], dt_bias=leaves[6],
                                           dt_softplus=True)
             y.backward(tdy)
             return y
 
-        row["mamba_ssm_fwd_bwd_ms"] = timeit(theirs_fwd_bwd, tsync, iters=3, reps=5)
+        row["mamba_ssm_fwd_bwd_ms"] = timeit(theirs_fwd_bwd, tsync, iters=5, reps=5)
+        try:  # their fwd+bwd device time: a CUDA graph of forward + autograd backward
+            graph = cuda_graph(torch, theirs_fwd_bwd)
+            row["mamba_ssm_fwd_bwd_graph_ms"] = timeit(lambda: graph.replay(), tsync, iters=5,
+                                                       reps=5)
+        except Exception as e:
+            row["mamba_ssm_fwd_bwd_graph_ms"] = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+        if args.grad_check and shape == picked[0]:
+            row["grad_rel_err_vs_xla_fp32"] = grad_errors(
+                grad_fn, theirs_fwd_bwd, leaves, (x, dt, A, B, C, D, bias), q, dy)
         if not args.no_xla:
             ref = jax.jit(lambda *a: ssd_chunk_scan(*a[:5], chunk_size=q, D=a[5], dt_bias=a[6],
                                                     dt_softplus=True, impl="xla"))
             row["xla_fwd_ms"] = timeit(lambda: ref(x, dt, A, B, C, D, bias), jsync, iters=3, reps=3)
+        graph_bwd = row.get("mamba_ssm_fwd_bwd_graph_ms")
         row["ratio_fwd_bwd"] = row["mamba_ssm_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+        if isinstance(graph_bwd, float):
+            row["ratio_fwd_bwd_vs_graph"] = graph_bwd / row["ours_fwd_bwd_ms"]
         rows.append(row)
         print(json.dumps(row))
+        write_results(args.out, device, bandwidth, matmul_rate, rows)
 
-    result = dict(
-        op="ssd_chunk_scan", device=device, date=datetime.date.today().isoformat(),
-        jax=jax.__version__, triton=triton.__version__, torch=torch.__version__,
-        copy_bandwidth_Bps=bandwidth, bf16_matmul_flops=matmul_rate,
-        timer="wall clock over back-to-back calls + sync, median", rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "ssd_" + device.replace(" ", "_").replace("/", "_") + ".json"
-    (out / name).write_text(json.dumps(result, indent=2))
+    result = write_results(args.out, device, bandwidth, matmul_rate, rows)
     print(markdown_table(result))
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from mamba2_jax.kernels.ssd import ssd_chunk_scan, ssd_sequential_ref
+from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, ssd_pallas
+from mamba2_jax.kernels.ssd.pallas_bwd import ssd_backward_chunked
 from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -78,21 +80,113 @@ def test_varlen_with_initial_states(dtype):
     np.testing.assert_array_equal(final[1], v["h0"][1])  # the empty sequence keeps its state
 
 
-def test_gradients_through_pallas_forward():
-    v = inputs(3, 1, 24, 4, 16, 2, 16, jnp.float32)
-    w = jnp.asarray(np.random.default_rng(0).standard_normal((1, 24, 4, 16)), jnp.float32)
-    args = (v["x"], v["dt"], v["A"], v["B"], v["C"], v["D"], v["z"], v["dt_bias"], v["h0"][:1])
+GRAD_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}  # relative (Frobenius) error, every cotangent
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0")
+GRAD_CASES = [  # b, l, h, p, g, n, q, dtype, options, packed lengths
+    (2, 40, 4, 16, 2, 16, 16, jnp.float32, ("D", "z", "h0"), None),
+    (2, 33, 8, 32, 8, 16, 16, jnp.float32, ("Dhp", "h0"), None),
+    (1, 70, 8, 16, 1, 32, 32, jnp.bfloat16, ("D", "z"), None),
+    (1, 72, 4, 16, 2, 16, 16, jnp.float32, ("D", "z", "h0"), (9, 0, 40, 3, 20)),
+    (1, 61, 8, 16, 1, 16, 16, jnp.bfloat16, ("Dhp", "h0"), (30, 17, 0, 14)),
+]
 
-    def loss(impl, x, dt, A, B, C, D, z, dt_bias, h0):
-        y, final = ssd_chunk_scan(x, dt, A, B, C, chunk_size=16, D=D, z=z, dt_bias=dt_bias,
-                                  dt_softplus=True, initial_states=h0, return_final_states=True,
-                                  impl=impl, interpret=not ON_GPU)
-        return jnp.sum(w * y) + jnp.sum(jnp.sin(final))
 
-    g_pallas = jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(9)))(*args)
-    g_xla = jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(9)))(*args)
-    for a, b in zip(g_pallas, g_xla):
-        assert rel(a, b) < 1e-4
+def grad_loss(fn, w, wf, *args):
+    y, final = fn(*args)
+    return jnp.sum(w * y.astype(jnp.float32)) + jnp.sum(wf * jnp.sin(final))
+
+
+def case_args(b, l, h, p, g, n, dtype, opts, lens):
+    v = inputs(l + h, b, l, h, p, g, n, dtype, nseq=None if lens is None else len(lens))
+    D = v["D"] if "D" in opts else (v["Dhp"] if "Dhp" in opts else None)
+    args = (v["x"], v["dt"], v["A"], v["B"], v["C"], D, v["z"] if "z" in opts else None,
+            v["dt_bias"], v["h0"] if "h0" in opts else None)
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((b, l, h, p)), jnp.float32)
+    wf = jnp.asarray(rng.standard_normal(v["h0"].shape), jnp.float32)
+    cu = None if lens is None else jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    return args, w, wf, cu
+
+
+def grads(fn, w, wf, args):
+    diff = tuple(i for i, a in enumerate(args) if a is not None)
+    return dict(zip([GRAD_NAMES[i] for i in diff], jax.jit(jax.grad(
+        lambda *a: grad_loss(fn, w, wf, *a), argnums=diff))(*args)))
+
+
+def assert_grads_close(got, want, dtype):
+    assert set(got) == set(want)
+    for name in got:
+        tol = GRAD_TOL[dtype]
+        assert got[name].dtype == want[name].dtype, name
+        assert np.isfinite(np.asarray(got[name], np.float32)).all(), name
+        assert rel(got[name], want[name]) < tol, (name, rel(got[name], want[name]))
+
+
+@pytest.mark.parametrize("b,l,h,p,g,n,q,dtype,opts,lens", GRAD_CASES)
+def test_pallas_backward_matches_reference_gradients(b, l, h, p, g, n, q, dtype, opts, lens):
+    args, w, wf, cu = case_args(b, l, h, p, g, n, dtype, opts, lens)
+
+    def scan(impl):
+        return lambda x, dt, A, B, C, D, z, bias, h0: ssd_chunk_scan(
+            x, dt, A, B, C, chunk_size=q, D=D, z=z, dt_bias=bias, dt_softplus=True,
+            initial_states=h0, cu_seqlens=cu, return_final_states=True, impl=impl,
+            interpret=not ON_GPU)
+
+    assert_grads_close(grads(scan("pallas"), w, wf, args), grads(scan("xla"), w, wf, args), dtype)
+
+
+def test_pallas_backward_matches_the_scan_oracle_with_multi_block_chunks():
+    """Chunks of 4 row blocks (block 16, chunk 64), packed sequences, chunk states in the loss;
+    gradients against jax.grad of the token-by-token scan (no chunking at all)."""
+    lens = (100, 0, 37, 64)
+    args, w, wf, cu = case_args(1, sum(lens), 8, 16, 2, 32, jnp.float32, ("Dhp", "z", "h0"), lens)
+    cfg = SSDKernelConfig(chunk_size=64, dt_softplus=True, block_m=16, block_k=16,
+                          bwd_block_m=16, bwd_heads=2, interpret=not ON_GPU)
+
+    def kernel(x, dt, A, B, C, D, z, bias, h0):
+        y, final, _ = ssd_pallas(cfg, x, dt, A, B, C, D, z, bias, h0, cu)
+        return y, final
+
+    def oracle(x, dt, A, B, C, D, z, bias, h0):
+        return ssd_sequential_ref(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                                  initial_states=h0, cu_seqlens=cu)
+
+    assert_grads_close(grads(kernel, w, wf, args), grads(oracle, w, wf, args), jnp.float32)
+
+
+def test_chunk_state_cotangents_reach_the_inputs():
+    """A loss on the per-chunk states alone: the Pallas backward against the reference."""
+    args, _, _, _ = case_args(2, 50, 4, 16, 1, 16, jnp.float32, ("D", "h0"), None)
+    wc = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 4, 16, 16)), jnp.float32)
+
+    def loss(impl, x, dt, A, B, C, D, h0):
+        _, chunks = ssd_chunk_scan(x, dt, A, B, C, chunk_size=16, D=D, initial_states=h0,
+                                   return_chunk_states=True, impl=impl, interpret=not ON_GPU)
+        return jnp.sum(wc * chunks)
+
+    diff = (args[0], args[1], args[2], args[3], args[4], args[5], args[8])
+    got = jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(7)))(*diff)
+    want = jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(7)))(*diff)
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "D", "h0"), got, want):
+        if name in ("C", "D"):  # only y reads them, never a state: exactly zero on both paths
+            assert not np.asarray(a).any() and not np.asarray(b).any()
+        else:
+            assert rel(a, b) < 1e-4, name
+
+
+def test_xla_backward_fallback_is_selectable():
+    args, w, wf, _ = case_args(1, 24, 4, 16, 2, 16, jnp.float32, ("D", "z", "h0"), None)
+
+    def with_backward(backward):
+        cfg = SSDKernelConfig(chunk_size=16, dt_softplus=True, backward=backward,
+                              interpret=not ON_GPU)
+        return lambda *a: ssd_pallas(cfg, *a, None)[:2]
+
+    assert_grads_close(grads(with_backward("xla"), w, wf, args),
+                       grads(with_backward("pallas"), w, wf, args), jnp.float32)
+    with pytest.raises(ValueError, match="backward"):
+        SSDKernelConfig(chunk_size=16, backward="triton")
 
 
 def test_unsupported_shape_falls_back_with_a_logged_reason(caplog):
@@ -105,20 +199,37 @@ def test_unsupported_shape_falls_back_with_a_logged_reason(caplog):
                                                      chunk_size=16, impl="xla"))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("with_z,d_per_channel", [(False, False), (True, True)])
-def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel):
-    """Cross-lower at real sizes: Triton lowering errors (shapes, primitives) fail on CPU."""
-    b, l, h, p, g, n, q = 1, 1024, 8, 64, 1, 128, 256
+def _lowering_args(dtype, with_z, d_per_channel, b=1, l=1024, h=8, p=64, g=1, n=128, q=256):
     S = jax.ShapeDtypeStruct
-    args = (S((b, l, h, p), dtype), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+    return (S((b, l, h, p), dtype), S((b, l, h), jnp.float32), S((h,), jnp.float32),
             S((b, l, g, n), dtype), S((b, l, g, n), dtype),
             S((h, p) if d_per_channel else (h,), jnp.float32),
             S((b, l, h, p), dtype) if with_z else None, S((b, h, p, n), jnp.float32),
             S((b, l // q), jnp.int32), S((b, l // q), jnp.int32))
-    fn = functools.partial(ssd_forward_chunked, chunk_size=q)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("with_z,d_per_channel", [(False, False), (True, True)])
+def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel):
+    """Cross-lower at real sizes: Triton lowering errors (shapes, primitives) fail on CPU."""
+    args = _lowering_args(dtype, with_z, d_per_channel)
+    fn = functools.partial(ssd_forward_chunked, chunk_size=256, return_pre_gate=with_z)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk states, state passing, outputs
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("with_z,d_per_channel,g", [(False, False, 1), (True, True, 8)])
+def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g):
+    b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
+    S = jax.ShapeDtypeStruct
+    args = _lowering_args(dtype, with_z, d_per_channel, g=g) + (
+        S((b, l, h, p), jnp.float32), S((b, l // q, h, p, n), jnp.float32),
+        S((b, l, h, p), dtype), S((b, l // q, h, p, n), jnp.float32))
+    fn = functools.partial(ssd_backward_chunked, chunk_size=q)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    # local gradient states, reverse state passing, dx/dB, dC
+    assert text.count("__gpu$xla.gpu.triton") == 4
 
 
 # ---- GPU only -------------------------------------------------------------------------------
@@ -154,3 +265,41 @@ def test_gpu_64k_tokens_strong_decay_is_stable():
     y_ref, final_ref = ssd_chunk_scan(v["x"], dt, v["A"] * 5, v["B"], v["C"], impl="xla", **kw)
     assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(final)).all()
     assert rel(y, y_ref) < 1e-4 and rel(final, final_ref) < 1e-4
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,l,h,p,g,n,q,lens", [(2, 3000, 16, 64, 8, 128, 128, None),
+                                                (1, 4096, 32, 128, 4, 64, 64, None),
+                                                (1, 5000, 16, 64, 2, 128, 256,
+                                                 (1000, 7, 0, 2500, 1493))])
+def test_gpu_backward_real_sizes(b, l, h, p, g, n, q, lens):
+    for dtype in (jnp.bfloat16, jnp.float32):
+        args, w, wf, cu = case_args(b, l, h, p, g, n, dtype, ("D", "z", "h0"), lens)
+
+        def scan(impl):
+            return lambda x, dt, A, B, C, D, z, bias, h0: ssd_chunk_scan(
+                x, dt, A, B, C, chunk_size=q, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                initial_states=h0, cu_seqlens=cu, return_final_states=True, impl=impl)
+
+        assert_grads_close(grads(scan("pallas"), w, wf, args), grads(scan("xla"), w, wf, args),
+                           dtype)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_64k_tokens_strong_decay_gradients_are_finite():
+    b, l, h, p, g, n, q = 1, 65536, 8, 64, 1, 128, 256
+    v = inputs(9, b, l, h, p, g, n, jnp.float32)
+    dt = jnp.abs(v["dt"]) * 4.0 + 2.0
+
+    def loss(impl, x, dt, A, B, C):
+        y = ssd_chunk_scan(x, dt, A * 5, B, C, chunk_size=q, D=v["D"], impl=impl)
+        return jnp.sum(jnp.sin(y))
+
+    args = (v["x"], dt, v["A"], v["B"], v["C"])
+    got = jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(5)))(*args)
+    want = jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(5)))(*args)
+    for name, a, b in zip(("x", "dt", "A", "B", "C"), got, want):
+        assert np.isfinite(np.asarray(a)).all(), name
+        assert rel(a, b) < 1e-4, (name, rel(a, b))

@@ -85,8 +85,9 @@ def ssd_chunk_scan(
         after every chunk (see ``ssd_chunk_scan_ref``).
       impl: "auto" | "xla" | "pallas" (auto: Pallas on a GPU, XLA elsewhere; shapes the kernel
         cannot take fall back to XLA with a logged reason); interpret: run the Pallas kernel in
-        interpret mode (CPU). Gradients of the Pallas path come from the XLA reference
-        (``mamba2_jax.kernels.ssd.pallas.BACKWARD == "xla"``).
+        interpret mode (CPU). The Pallas path is differentiable through Pallas backward
+        kernels (``mamba2_jax.kernels.ssd.pallas_bwd``); gradients for x, dt, A, B, C, D, z,
+        dt_bias and initial_states.
     """
     chunk_size = check_chunk_size(_OP, chunk_size)
     _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens)

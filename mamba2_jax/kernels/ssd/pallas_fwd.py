@@ -38,15 +38,18 @@ def _dot(a, b, *, trans_a=False, trans_b=False, fp32=False):
                            preferred_element_type=jnp.float32)
 
 
-def _local_state(x_ref, B_ref, dt_ref, to_end_ref, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
-    """sum_j exp(to_end_j) dt_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n]."""
+def _local_state(x_ref, B_ref, w_ref, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
+    """sum_j w_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n] float32.
+
+    The forward passes ``w = exp(to_end) dt`` (a chunk's own state); the backward passes
+    ``x = dY``, ``B = C`` and ``w = exp(acum)`` (a chunk's own gradient of its entering state).
+    """
 
     def body(kb, acc):
         tok = pl.ds(ci * q + kb * bk, bk)
         x = x_ref[bi, tok, hi, ps]  # [bk, bp]
         Bk = B_ref[bi, tok, gi, :]  # [bk, n]
-        sub = pl.ds(kb * bk, bk)
-        w = jnp.exp(to_end_ref[bi, ci, hi, sub]) * dt_ref[bi, ci, hi, sub]
+        w = w_ref[bi, ci, hi, pl.ds(kb * bk, bk)]
         xw = (x.astype(jnp.float32) * w[:, None]).astype(x.dtype)
         return acc + _dot(xw, Bk, trans_a=True, fp32=fp32)
 
@@ -54,8 +57,8 @@ def _local_state(x_ref, B_ref, dt_ref, to_end_ref, bi, ci, hi, gi, pb, *, q, bk,
     return lax.fori_loop(0, q // bk, body, jnp.zeros((bp, B_ref.shape[-1]), jnp.float32))
 
 
-def _state_kernel(x_ref, B_ref, dt_ref, to_end_ref, total_ref, first_ref, index_ref, h0_ref,
-                  end_ref, *, q, bk, bp, heads_per_group, fp32):
+def _state_kernel(x_ref, B_ref, w_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, *, q,
+                  bk, bp, heads_per_group, fp32):
     """Sequential over chunks: the state leaving every chunk (grid b, h, p / bp)."""
     bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = hi // heads_per_group
@@ -63,8 +66,7 @@ def _state_kernel(x_ref, B_ref, dt_ref, to_end_ref, total_ref, first_ref, index_
 
     def body(c, S):
         S = jnp.where(first_ref[bi, c] != 0, h0_ref[index_ref[bi, c], hi, ps, :], S)
-        loc = _local_state(x_ref, B_ref, dt_ref, to_end_ref, bi, c, hi, gi, pb, q=q, bk=bk, bp=bp,
-                           fp32=fp32)
+        loc = _local_state(x_ref, B_ref, w_ref, bi, c, hi, gi, pb, q=q, bk=bk, bp=bp, fp32=fp32)
         S = jnp.exp(total_ref[bi, c, hi]) * S + loc
         end_ref[bi, c, hi, ps, :] = S
         return S
@@ -72,15 +74,13 @@ def _state_kernel(x_ref, B_ref, dt_ref, to_end_ref, total_ref, first_ref, index_
     lax.fori_loop(0, end_ref.shape[1], body, jnp.zeros((bp, B_ref.shape[-1]), jnp.float32))
 
 
-def _local_state_kernel(x_ref, B_ref, dt_ref, to_end_ref, loc_ref, *, q, bk, bp,
-                        heads_per_group, fp32):
+def _local_state_kernel(x_ref, B_ref, w_ref, loc_ref, *, q, bk, bp, heads_per_group, fp32):
     """Each chunk's own state contribution, all chunks in parallel (grid h, p / bp, b*c)."""
     hi, pb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = loc_ref.shape[1]
     bi, ci = bc // nc, bc % nc
     loc_ref[bi, ci, hi, pl.ds(pb * bp, bp), :] = _local_state(
-        x_ref, B_ref, dt_ref, to_end_ref, bi, ci, hi, hi // heads_per_group, pb, q=q, bk=bk,
-        bp=bp, fp32=fp32)
+        x_ref, B_ref, w_ref, bi, ci, hi, hi // heads_per_group, pb, q=q, bk=bk, bp=bp, fp32=fp32)
 
 
 def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, *, bp):
@@ -98,7 +98,7 @@ def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, *, b
 
 
 def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref, end_ref,
-                   D_ref, z_ref, y_ref, *, q, bm, row_blocks, heads_per_group, fp32, has_z,
+                   D_ref, z_ref, y_ref, *pre_ref, q, bm, row_blocks, heads_per_group, fp32, has_z,
                    d_per_channel):
     hi, mg, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = end_ref.shape[1]
@@ -133,6 +133,8 @@ def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, 
 
         acc = lax.fori_loop(0, mb + 1, col_block, acc)
         y = acc + x_ref[bi, rows, hi, :].astype(jnp.float32) * d
+        if pre_ref:  # the output before the gate, kept for the backward
+            pre_ref[0][bi, rows, hi, :] = y.astype(pre_ref[0].dtype)
         if has_z:
             y = y * jax.nn.silu(z_ref[bi, rows, hi, :].astype(jnp.float32))
         y_ref[bi, rows, hi, :] = y.astype(y_ref.dtype)
@@ -160,9 +162,27 @@ def chunk_decays(dt, A, chunk_size) -> Decays:
     return Decays(jnp.cumsum(a, axis=-1), to_end, jnp.sum(a, axis=-1), dtc)
 
 
-def _launcher(interpret, num_warps, num_stages):
+def launcher(interpret, num_warps, num_stages):
+    """``pl.pallas_call`` on the Triton backend with these launch settings."""
     return functools.partial(pl.pallas_call, interpret=interpret, compiler_params=plt.CompilerParams(
         num_warps=num_warps, num_stages=num_stages))
+
+
+def local_states(x, B, w, *, chunk_size, block_k=32, block_p=None, num_warps=4, num_stages=3,
+                 interpret=False):
+    """``sum_j w_j x_j B_j^T`` of every chunk, in parallel: [b, c, h, p, n] float32.
+
+    x [b, c*q, h, p], B [b, c*q, g, n] (head j reads group j // (h / g)), w [b, c, h, q] float32.
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    q, c = chunk_size, L // chunk_size
+    bk, bp = min(block_k, q), p if block_p is None else block_p
+    kernel = functools.partial(_local_state_kernel, q=q, bk=bk, bp=bp, heads_per_group=h // g,
+                               fp32=x.dtype == jnp.float32)
+    return launcher(interpret, num_warps, num_stages)(
+        kernel, out_shape=jax.ShapeDtypeStruct((b, c, h, p, n), jnp.float32),
+        grid=(h, p // bp, b * c), name="ssd_chunk_state")(x, B, w)
 
 
 def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, block_k=32,
@@ -172,25 +192,27 @@ def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, blo
     g, n = B.shape[-2:]
     q, c = chunk_size, L // chunk_size
     bk, bp = min(block_k, q), p if block_p is None else block_p
-    fp32 = x.dtype == jnp.float32
-    call = _launcher(interpret, num_warps, num_stages)
+    launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     states = jax.ShapeDtypeStruct((b, c, h, p, n), jnp.float32)
     first, index = is_first.astype(jnp.int32), init_index.astype(jnp.int32)
-    common = dict(q=q, bk=bk, bp=bp, heads_per_group=h // g, fp32=fp32)
+    w = jnp.exp(dec.to_end) * dec.dt  # weight of token j in its chunk's state
     if not two_pass:
-        return call(functools.partial(_state_kernel, **common), out_shape=states,
-                    grid=(b, h, p // bp), name="ssd_state_passing")(
-            x, B, dec.dt, dec.to_end, dec.total, first, index, h0)
-    loc = call(functools.partial(_local_state_kernel, **common), out_shape=states,
-               grid=(h, p // bp, b * c), name="ssd_chunk_state")(x, B, dec.dt, dec.to_end)
-    return call(functools.partial(_pass_kernel, bp=bp), out_shape=states, grid=(b, h, p // bp),
-                name="ssd_state_passing")(loc, dec.total, first, index, h0)
+        kernel = functools.partial(_state_kernel, q=q, bk=bk, bp=bp, heads_per_group=h // g,
+                                   fp32=x.dtype == jnp.float32)
+        return launcher(**launch)(kernel, out_shape=states, grid=(b, h, p // bp),
+                                  name="ssd_state_passing")(x, B, w, dec.total, first, index, h0)
+    loc = local_states(x, B, w, chunk_size=q, block_k=block_k, block_p=block_p, **launch)
+    return launcher(**launch)(functools.partial(_pass_kernel, bp=bp), out_shape=states,
+                              grid=(b, h, p // bp), name="ssd_state_passing")(
+        loc, dec.total, first, index, h0)
 
 
 def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, chunk_size,
-                  block_m=64, row_blocks=4, num_warps=4, num_stages=3, interpret=False):
+                  block_m=64, row_blocks=4, return_pre_gate=False, num_warps=4, num_stages=3,
+                  interpret=False):
     """y [b, c*q, h, p] from the chunk end states (kernel 2); each program writes
-    ``row_blocks`` blocks of ``block_m`` rows of one chunk and head."""
+    ``row_blocks`` blocks of ``block_m`` rows of one chunk and head. ``return_pre_gate``: also
+    return y before the gate (``y_ssd + D x``, in x.dtype: the backward's residual for dz)."""
     b, L, h, p = x.shape
     g = B.shape[-2]
     q = chunk_size
@@ -200,33 +222,40 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
     kernel = functools.partial(
         _output_kernel, q=q, bm=bm, row_blocks=row_blocks, heads_per_group=h // g,
         fp32=x.dtype == jnp.float32, has_z=has_z, d_per_channel=D.ndim == 2)
-    return _launcher(interpret, num_warps, num_stages)(
-        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    y = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    out = launcher(interpret, num_warps, num_stages)(
+        kernel, out_shape=(y, y) if return_pre_gate else y,
         grid=(h, q // bm // row_blocks, b * (L // q)), name="ssd_chunk_output")(
         x, C, B, dec.dt, dec.acum, is_first.astype(jnp.int32), init_index.astype(jnp.int32), h0,
         end, D.astype(jnp.float32), z if has_z else x)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "block_p",
                                              "row_blocks", "num_warps", "num_stages", "two_pass",
-                                             "interpret"))
+                                             "return_pre_gate", "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_k: int = 32, block_p: int | None = None,
                         row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
-                        two_pass: bool = True, interpret: bool = False):
+                        two_pass: bool = True, return_pre_gate: bool = False,
+                        interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
     [b, c*q, g, n], D [h] or [h, p] (zeros when absent), z [b, c*q, h, p] or None, h0
     [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
-    end states [b, c, h, p, n] float32). ``two_pass``: compute every chunk's own state in
-    parallel, then pass states in a light sequential kernel (instead of one sequential kernel).
+    end states [b, c, h, p, n] float32), and with ``return_pre_gate`` (y, end, y before the
+    gate). ``two_pass``: compute every chunk's own state in parallel, then pass states in a
+    light sequential kernel (instead of one sequential kernel).
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     dec = chunk_decays(dt, A, q)
     end = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
                        block_k=block_k, block_p=block_p, two_pass=two_pass, **launch)
-    y = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
-                      block_m=block_m, row_blocks=row_blocks, **launch)
-    return y, end
+    out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
+                        block_m=block_m, row_blocks=row_blocks,
+                        return_pre_gate=return_pre_gate, **launch)
+    if return_pre_gate:
+        return out[0], end, out[1]
+    return out, end

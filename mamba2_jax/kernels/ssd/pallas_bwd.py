@@ -1,0 +1,290 @@
+"""Pallas (Triton backend) SSD backward on the chunk layout of ``pallas_fwd.py``.
+
+Per head and chunk, with ``w = dt``, ``acum`` the in-chunk cumsum of ``a = dt A``,
+``L_ij = exp(acum_i - acum_j)`` for ``j <= i`` (0 above the diagonal), ``e_j = exp(to_end_j)``
+and ``S`` the state entering the chunk, the forward is
+
+    y_i   = sum_j (C_i . B_j) L_ij w_j x_j + exp(acum_i) S C_i                (y_ssd)
+    S_end = exp(total) S + sum_j e_j w_j x_j B_j^T.
+
+Given ``dY`` (the cotangent of y_ssd: the gate and D skip are undone in XLA) and ``G`` (the
+cotangent of S_end, all paths summed), the kernels compute
+
+1. ``local_states(dY, C, exp(acum))``: ``K_c = sum_i exp(acum_i) dY_i^T C_i``, every chunk in
+   parallel (the forward's chunk-state kernel with other operands);
+2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h, p / bp):
+   ``G_c = dend_c + [c + 1 not a first chunk] (K_{c+1} + exp(total_{c+1}) G_{c+1})``, and
+   ``exp(total_c) <S_c, G_c>`` (the decay term of d acum_last);
+3. ``_dx_dB_kernel`` (per column block j, looping over the row blocks i >= j):
+       dx_j  = w_j [sum_i (L o CB^T)_ij dY_i + e_j G B_j] + D dY_j
+       dB_j  = sum over the program's heads of w_j sum_i (L o dY x^T)_ij C_i + e_j w_j G^T x_j
+       ddt_j = x_j . (dx_j - D dY_j) / w_j,   colsum_j = sum_i M_ij,   T_j = e_j w_j x_j^T G B_j
+   with ``M_ij = (C_i . B_j) L_ij w_j (dY_i . x_j)``;
+4. ``_dC_kernel`` (per row block i, looping over j <= i):
+       dC_i = sum over the program's heads of sum_j (L o dY x^T)_ij w_j B_j + exp(acum_i) dY_i S,
+   and ``dY_i . (exp(acum_i) S C_i)`` per head (the entering state's part of d acum_i).
+
+The derivative with respect to ``acum_i`` is ``rowsum_i(M) + dY_i . (exp(acum_i) S C_i)
+- colsum_i(M) - T_i`` plus, at the chunk's last token, ``sum_j T_j + exp(total) <S, G>``. Row
+and column sums of M are taken from the same blocks in ``_dx_dB_kernel`` (the row sums as one
+partial per column block), so their bf16 roundings cancel. ``d a`` is its reverse cumsum, then
+``d dt += A d a`` and ``d A = sum dt d a`` (XLA). dB and dC are summed per program over
+``heads_per_program`` heads of one group and over the programs of a group in XLA.
+Dtype policy: matmul operands in the input dtype (dY and G cast to it; fp32 at HIGHEST
+precision), float32 accumulation; dx in x.dtype, the rest float32 until cast to the inputs'.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from mamba2_jax.kernels.ssd.pallas_fwd import _dot, chunk_decays, launcher, local_states
+
+
+def _causal_decay(acum_i, acum_j, row0, col0, bm):
+    """``exp(acum_i - acum_j)`` on and below the diagonal, 0 above: [bm, bm] float32."""
+    row = row0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+    col = col0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+    return jnp.exp(jnp.where(col <= row, acum_i[:, None] - acum_j[None, :], -jnp.inf))
+
+
+def _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi, ps):
+    """The state entering chunk ci: h0 at a sequence's first chunk, else the previous end."""
+    return jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, ps, :],
+                     end_ref[bi, jnp.maximum(ci - 1, 0), hi, ps, :])
+
+
+def _reverse_pass_kernel(K_ref, dend_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,
+                         G_ref, sg_ref, *, bp):
+    bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nc = G_ref.shape[1]
+    ps = pl.ds(pb * bp, bp)
+
+    def body(r, carry):
+        c = nc - 1 - r
+        G = dend_ref[bi, c, hi, ps, :] + carry
+        G_ref[bi, c, hi, ps, :] = G
+        decay = jnp.exp(total_ref[bi, c, hi])
+        S = _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, c, hi, ps)
+        sg_ref[bi, c, hi, pl.ds(pb, 1)] = jnp.full((1,), decay * jnp.sum(S * G), jnp.float32)
+        return jnp.where(first_ref[bi, c] != 0, 0.0, K_ref[bi, c, hi, ps, :] + decay * G)
+
+    lax.fori_loop(0, nc, body, jnp.zeros((bp, G_ref.shape[-1]), jnp.float32))
+
+
+def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_ref, D_ref,
+                  dx_ref, dB_ref, ddt_ref, colsum_ref, rowsum_ref, T_ref, *, q, bm, hb,
+                  heads_per_group, fp32, d_per_channel):
+    hk, jb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nc = G_ref.shape[1]
+    bi, ci = bc // nc, bc % nc
+    gi = hk * hb // heads_per_group
+    cols = pl.ds(ci * q + jb * bm, bm)
+    sub_j = pl.ds(jb * bm, bm)
+    Bj = B_ref[bi, cols, gi, :]  # [bm, n]
+    dtype = Bj.dtype
+    n = Bj.shape[-1]
+
+    def head(k, dB_acc):
+        hi = hk * hb + k
+        xj = x_ref[bi, cols, hi, :]  # [bm, p]
+        acum_j, w_j = acum_ref[bi, ci, hi, sub_j], dt_ref[bi, ci, hi, sub_j]
+        e_j = jnp.exp(to_end_ref[bi, ci, hi, sub_j])
+        G = G_ref[bi, ci, hi, :, :].astype(dtype)  # [p, n]
+        dx_state = _dot(Bj, G, trans_b=True, fp32=fp32) * e_j[:, None]  # e_j G B_j: [bm, p]
+        dB_state = _dot(xj, G, fp32=fp32) * (e_j * w_j)[:, None]  # [bm, n]
+
+        def row_block(ib, carry):
+            dx_acc, dB_acc, colsum = carry
+            rows = pl.ds(ci * q + ib * bm, bm)
+            Ci, dYi = C_ref[bi, rows, gi, :], dY_ref[bi, rows, hi, :]
+            L = _causal_decay(acum_ref[bi, ci, hi, pl.ds(ib * bm, bm)], acum_j, ib * bm,
+                              jb * bm, bm)
+            cbL = _dot(Ci, Bj, trans_b=True, fp32=fp32) * L  # [bm(i), bm(j)]
+            dyxw = _dot(dYi, xj, trans_b=True, fp32=fp32) * w_j[None, :]
+            dx_acc = dx_acc + _dot(cbL.astype(dtype), dYi, trans_a=True, fp32=fp32)
+            dB_acc = dB_acc + _dot((dyxw * L).astype(dtype), Ci, trans_a=True, fp32=fp32)
+            M = cbL * dyxw
+            rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bm, bm)] = jnp.sum(M, axis=1)
+            return dx_acc, dB_acc, colsum + jnp.sum(M, axis=0)
+
+        def no_rows(ib, carry):  # rows above this column block: no M entries
+            rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bm, bm)] = jnp.zeros((bm,), jnp.float32)
+            return carry
+
+        lax.fori_loop(0, jb, no_rows, 0)
+        init = (dx_state, dB_acc + dB_state, jnp.zeros((bm,), jnp.float32))
+        dx_acc, dB_acc, colsum = lax.fori_loop(jb, q // bm, row_block, init)
+        xf = xj.astype(jnp.float32)
+        d = D_ref[hi, :][None, :] if d_per_channel else D_ref[hi]
+        dx = dx_acc * w_j[:, None] + dY_ref[bi, cols, hi, :].astype(jnp.float32) * d
+        dx_ref[bi, cols, hi, :] = dx.astype(dx_ref.dtype)
+        ddt_ref[bi, ci, hi, sub_j] = jnp.sum(dx_acc * xf, axis=1)
+        colsum_ref[bi, ci, hi, sub_j] = colsum
+        T_ref[bi, ci, hi, sub_j] = jnp.sum(dx_state * xf, axis=1) * w_j
+        return dB_acc
+
+    dB_ref[bi, cols, hk, :] = lax.fori_loop(0, hb, head, jnp.zeros((bm, n), jnp.float32))
+
+
+def _dC_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref,
+               end_ref, dC_ref, inter_ref, *, q, bm, hb, heads_per_group, fp32):
+    hk, ib, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nc = end_ref.shape[1]
+    bi, ci = bc // nc, bc % nc
+    gi = hk * hb // heads_per_group
+    rows = pl.ds(ci * q + ib * bm, bm)
+    n, p = B_ref.shape[-1], x_ref.shape[-1]
+    Ci = C_ref[bi, rows, gi, :].astype(jnp.float32)
+
+    def head(k, acc):
+        hi = hk * hb + k
+        dYi = dY_ref[bi, rows, hi, :]  # [bm, p]
+        dtype = dYi.dtype
+        acum_i = acum_ref[bi, ci, hi, pl.ds(ib * bm, bm)]
+        S = _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi, pl.ds(0, p))
+        dYs = (dYi.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(dtype)
+        dC_inter = _dot(dYs, S.astype(dtype), fp32=fp32)  # exp(acum_i) dY_i S: [bm, n]
+        inter_ref[bi, ci, hi, pl.ds(ib * bm, bm)] = jnp.sum(dC_inter * Ci, axis=1)
+        acc = acc + dC_inter
+
+        def col_block(jb, acc):
+            cols = pl.ds(ci * q + jb * bm, bm)
+            sub_j = pl.ds(jb * bm, bm)
+            L = _causal_decay(acum_i, acum_ref[bi, ci, hi, sub_j], ib * bm, jb * bm, bm)
+            s = _dot(dYi, x_ref[bi, cols, hi, :], trans_b=True, fp32=fp32) * L
+            s = s * dt_ref[bi, ci, hi, sub_j][None, :]
+            return acc + _dot(s.astype(dtype), B_ref[bi, cols, gi, :], fp32=fp32)
+
+        return lax.fori_loop(0, ib + 1, col_block, acc)
+
+    dC_ref[bi, rows, hk, :] = lax.fori_loop(0, hb, head, jnp.zeros((bm, n), jnp.float32))
+
+
+def heads_per_program(h: int, g: int, most: int) -> int:
+    """The largest divisor of the heads per group that is <= ``most``."""
+    r = h // g
+    return max(d for d in range(1, min(most, r) + 1) if r % d == 0)
+
+
+def _gate_backward(dy, x, D, z, y_pre):
+    """Undo ``y = (y_ssd + D x) * silu(z)`` in XLA: (dY of y_ssd, dz, dD)."""
+    f32 = jnp.float32
+    dyf = dy.astype(f32)
+    dz = None
+    if z is not None:
+        zf = z.astype(f32)
+        sig = jax.nn.sigmoid(zf)
+        dz = (dyf * y_pre.astype(f32) * sig * (1.0 + zf * (1.0 - sig))).astype(z.dtype)
+        dyf = dyf * zf * sig
+    dD = jnp.sum(dyf * x.astype(f32), axis=(0, 1))
+    return dyf, dz, jnp.sum(dD, axis=-1) if D.ndim == 1 else dD
+
+
+def _first_chunk_gradient(K, G, total, is_first, init_index, m):
+    """d h0[s] = K_c + exp(total_c) G_c at the first chunk c of sequence s (0 if it has none)."""
+    flat = lambda v: v.reshape((-1,) + v.shape[2:])
+    hit = (is_first.reshape(-1)[None, :] != 0) & (
+        init_index.reshape(-1)[None, :] == jnp.arange(m, dtype=jnp.int32)[:, None])
+    pos = jnp.argmax(hit, axis=1)
+    has = jnp.any(hit, axis=1)[:, None, None, None]
+    dh0 = flat(K)[pos] + jnp.exp(flat(total)[pos])[..., None, None] * flat(G)[pos]
+    return jnp.where(has, dh0, 0.0)
+
+
+def gradient_states(dY, C, dec, is_first, init_index, h0, end, dend, *, chunk_size, block_k=32,
+                    num_warps=4, num_stages=2, interpret=False):
+    """Kernels 1 and 2: (K, G [b, c, h, p, n], exp(total) <S, G> [b, c, h]) float32."""
+    rows, L, h, p = dY.shape
+    n = C.shape[-1]
+    K = local_states(dY, C, jnp.exp(dec.acum), chunk_size=chunk_size, block_k=block_k,
+                     num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    states = jax.ShapeDtypeStruct((rows, L // chunk_size, h, p, n), jnp.float32)
+    G, sg = launcher(interpret, num_warps, num_stages)(
+        functools.partial(_reverse_pass_kernel, bp=p),
+        out_shape=(states, jax.ShapeDtypeStruct(states.shape[:3] + (1,), jnp.float32)),
+        grid=(rows, h, 1), name="ssd_bwd_state_passing")(
+        K, dend.astype(jnp.float32), dec.total, is_first, init_index, h0, end)
+    return K, G, sg[..., 0]
+
+
+def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, heads=4, num_warps=4,
+          num_stages=2, interpret=False):
+    """Kernel 3: (dx, dB partials [b, c*q, h / hb, n], ddt, colsum, rowsum partials, T)."""
+    rows, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    q, bm = chunk_size, min(block_m, chunk_size)
+    hb = heads_per_program(h, g, heads)
+    per_token = jax.ShapeDtypeStruct((rows, L // q, h, q), jnp.float32)
+    kernel = functools.partial(_dx_dB_kernel, q=q, bm=bm, hb=hb, heads_per_group=h // g,
+                               fp32=x.dtype == jnp.float32, d_per_channel=D.ndim == 2)
+    return launcher(interpret, num_warps, num_stages)(
+        kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                           jax.ShapeDtypeStruct((rows, L, h // hb, n), jnp.float32), per_token,
+                           per_token, jax.ShapeDtypeStruct((rows, L // q, h, q // bm, q),
+                                                           jnp.float32), per_token),
+        grid=(h // hb, q // bm, rows * (L // q)), name="ssd_bwd_dx_dB")(
+        x, B, C, dY, dec.dt, dec.acum, dec.to_end, G, D.astype(jnp.float32))
+
+
+def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, block_m=64,
+                heads=4, num_warps=4, num_stages=2, interpret=False):
+    """Kernel 4: (dC partials [b, c*q, h / hb, n], dY_i . y_inter_i [b, c, h, q])."""
+    rows, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    q, bm = chunk_size, min(block_m, chunk_size)
+    hb = heads_per_program(h, g, heads)
+    kernel = functools.partial(_dC_kernel, q=q, bm=bm, hb=hb, heads_per_group=h // g,
+                               fp32=x.dtype == jnp.float32)
+    return launcher(interpret, num_warps, num_stages)(
+        kernel, out_shape=(jax.ShapeDtypeStruct((rows, L, h // hb, n), jnp.float32),
+                           jax.ShapeDtypeStruct((rows, L // q, h, q), jnp.float32)),
+        grid=(h // hb, q // bm, rows * (L // q)), name="ssd_bwd_dC")(
+        x, B, C, dY, dec.dt, dec.acum, is_first, init_index, h0, end)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "heads",
+                                             "num_warps", "num_stages", "interpret"))
+def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy, dend,
+                         *, chunk_size: int, block_m: int = 64, block_k: int = 32, heads: int = 4,
+                         num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+    """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
+
+    Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
+    its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p] and ``dend`` [b, c, h, p, n].
+    ``heads``: at most this many heads of one group per dx/dB and dC program.
+    """
+    rows, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    q = chunk_size
+    c = L // q
+    hb = heads_per_program(h, g, heads)
+    launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    blocks = dict(chunk_size=q, block_m=block_m, heads=heads, **launch)
+    first, index = is_first.astype(jnp.int32), init_index.astype(jnp.int32)
+
+    dec = chunk_decays(dt, A, q)
+    dY, dz, dD = _gate_backward(dy, x, D, z, y_pre)
+    dY = dY.astype(x.dtype)
+    K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dend, chunk_size=q,
+                               block_k=block_k, **launch)
+    dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, **blocks)
+    dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, **blocks)
+
+    # d acum -> d a (reverse cumsum inside each chunk) -> d dt, d A. The row and column sums of
+    # M come from the same blocks, so their roundings cancel in the reverse cumsum.
+    dacum = jnp.sum(rowsum, axis=3) + inter - colsum - T
+    dacum = dacum.at[..., -1].add(jnp.sum(T, axis=-1) + sg)
+    da = jnp.cumsum(dacum[..., ::-1], axis=-1)[..., ::-1]
+    ddt = ddt + A[None, None, :, None] * da
+    dA = jnp.sum(dec.dt * da, axis=(0, 1, 3))
+    ddt = jnp.moveaxis(ddt, 3, 2).reshape(rows, L, h)
+
+    group_sum = lambda v: v.reshape(rows, L, g, h // hb // g, n).sum(axis=3).astype(B.dtype)
+    dh0 = _first_chunk_gradient(K, G, dec.total, first, index, h0.shape[0])
+    return dx, ddt, dA, group_sum(dB), group_sum(dC), dD, dz, dh0
