@@ -189,6 +189,34 @@ def test_xla_backward_fallback_is_selectable():
         SSDKernelConfig(chunk_size=16, backward="triton")
 
 
+def test_float16_gradients_keep_states_in_float32():
+    """Slow decay and a loss scale (fp16 practice) push the end-state cotangents past fp16's
+    range; they must stay float32 as matmul operands (finite, equal to the reference)."""
+    args, _, _, _ = case_args(1, 96, 4, 16, 1, 32, jnp.float16, ("D",), None)
+    x, _, A, B, C, D = args[:6]
+    dt = jnp.full((1, 96, 4), -6.0, jnp.float32)  # softplus(-6) ~ 2.5e-3: long memory
+    weight = 8192.0 * jnp.linspace(0, 1, x.size).reshape(x.shape)
+
+    def loss(impl, x, B, C):
+        y = ssd_chunk_scan(x, dt, A, B, C, chunk_size=16, D=D, dt_softplus=True, impl=impl,
+                           interpret=not ON_GPU)
+        return jnp.sum(y.astype(jnp.float32) * weight)
+
+    got = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2)))(x, B, C)
+    want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(x, B, C)
+    for name, a, b in zip("xBC", got, want):
+        assert np.isfinite(np.asarray(b, np.float32)).all(), name  # representable in fp16
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        assert rel(a, b) < 2e-3, (name, rel(a, b))
+
+
+@pytest.mark.parametrize("field,value", [("bwd_block_m", 48), ("block_m", 8), ("block_k", 24),
+                                         ("block_p", 12), ("row_blocks", 3), ("bwd_heads", 0)])
+def test_kernel_config_rejects_blocks_that_do_not_tile_a_chunk(field, value):
+    with pytest.raises(ValueError, match=field):
+        SSDKernelConfig(chunk_size=64, **{field: value})
+
+
 def test_unsupported_shape_falls_back_with_a_logged_reason(caplog):
     v = inputs(4, 1, 20, 2, 24, 1, 16, jnp.float32)  # head_dim 24 is not a power of two
     with caplog.at_level(logging.WARNING, logger="mamba2_jax"):
@@ -208,7 +236,7 @@ def _lowering_args(dtype, with_z, d_per_channel, b=1, l=1024, h=8, p=64, g=1, n=
             S((b, l // q), jnp.int32), S((b, l // q), jnp.int32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel", [(False, False), (True, True)])
 def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel):
     """Cross-lower at real sizes: Triton lowering errors (shapes, primitives) fail on CPU."""
@@ -218,7 +246,7 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel):
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk states, state passing, outputs
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel,g", [(False, False, 1), (True, True, 8)])
 def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g):
     b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256

@@ -14,7 +14,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mamba2_jax.kernels.common import process_dt, with_reference_gradient
+from mamba2_jax.kernels.common import check_pow2, process_dt, with_reference_gradient
 import jax
 
 from mamba2_jax.kernels.ssd.layout import ChunkPlan
@@ -50,6 +50,18 @@ class SSDKernelConfig:
         if self.backward not in BACKWARDS:
             raise ValueError(f"SSDKernelConfig.backward must be one of {BACKWARDS}, "
                              f"got {self.backward!r}")
+        # Blocks tile the chunk exactly (a block that does not divide it leaves rows unwritten);
+        # Triton dots need sides >= 16.
+        for name in ("block_m", "block_k", "bwd_block_m") + (
+                ("block_p",) if self.block_p is not None else ()):
+            if check_pow2(name, getattr(self, name), op="SSDKernelConfig") < 16:
+                raise ValueError(f"SSDKernelConfig: {name} must be >= 16, got "
+                                 f"{getattr(self, name)}")
+        for name in ("row_blocks", "num_warps", "bwd_num_warps"):
+            check_pow2(name, getattr(self, name), op="SSDKernelConfig")
+        if not (isinstance(self.bwd_heads, int) and self.bwd_heads >= 1):
+            raise ValueError(f"SSDKernelConfig: bwd_heads must be a positive int, got "
+                             f"{self.bwd_heads!r}")
 
 
 def _pow2(v: int) -> bool:

@@ -12,13 +12,13 @@ cotangent of S_end, all paths summed), the kernels compute
 
 1. ``local_states(dY, C, exp(acum))``: ``K_c = sum_i exp(acum_i) dY_i^T C_i``, every chunk in
    parallel (the forward's chunk-state kernel with other operands);
-2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h, p / bp):
+2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h; whole [p, n] states):
    ``G_c = dend_c + [c + 1 not a first chunk] (K_{c+1} + exp(total_{c+1}) G_{c+1})``, and
    ``exp(total_c) <S_c, G_c>`` (the decay term of d acum_last);
 3. ``_dx_dB_kernel`` (per column block j, looping over the row blocks i >= j):
        dx_j  = w_j [sum_i (L o CB^T)_ij dY_i + e_j G B_j] + D dY_j
        dB_j  = sum over the program's heads of w_j sum_i (L o dY x^T)_ij C_i + e_j w_j G^T x_j
-       ddt_j = x_j . (dx_j - D dY_j) / w_j,   colsum_j = sum_i M_ij,   T_j = e_j w_j x_j^T G B_j
+       ddt_j = x_j . [the bracket of dx_j],   colsum_j = sum_i M_ij,   T_j = e_j w_j x_j^T G B_j
    with ``M_ij = (C_i . B_j) L_ij w_j (dY_i . x_j)``;
 4. ``_dC_kernel`` (per row block i, looping over j <= i):
        dC_i = sum over the program's heads of sum_j (L o dY x^T)_ij w_j B_j + exp(acum_i) dY_i S,
@@ -30,8 +30,9 @@ and column sums of M are taken from the same blocks in ``_dx_dB_kernel`` (the ro
 partial per column block), so their bf16 roundings cancel. ``d a`` is its reverse cumsum, then
 ``d dt += A d a`` and ``d A = sum dt d a`` (XLA). dB and dC are summed per program over
 ``heads_per_program`` heads of one group and over the programs of a group in XLA.
-Dtype policy: matmul operands in the input dtype (dY and G cast to it; fp32 at HIGHEST
-precision), float32 accumulation; dx in x.dtype, the rest float32 until cast to the inputs'.
+Dtype policy: matmul operands in the input dtype (dY, G, S and the decayed products cast to it;
+float32 beside float16 inputs, whose range they can exceed; fp32 at HIGHEST precision),
+float32 accumulation; dx in x.dtype, the rest float32 until cast to the inputs'.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mamba2_jax.kernels.ssd.pallas_fwd import _dot, chunk_decays, launcher, local_states
+from mamba2_jax.kernels.ssd.pallas_fwd import (_dot, chunk_decays, launcher, local_states,
+                                              operand_dtype)
 
 
 def _causal_decay(acum_i, acum_j, row0, col0, bm):
@@ -87,7 +89,7 @@ def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_r
     cols = pl.ds(ci * q + jb * bm, bm)
     sub_j = pl.ds(jb * bm, bm)
     Bj = B_ref[bi, cols, gi, :]  # [bm, n]
-    dtype = Bj.dtype
+    dtype = operand_dtype(Bj.dtype)  # of float32 intermediates fed to matmuls
     n = Bj.shape[-1]
 
     def head(k, dB_acc):
@@ -145,7 +147,7 @@ def _dC_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, first_ref, index_r
     def head(k, acc):
         hi = hk * hb + k
         dYi = dY_ref[bi, rows, hi, :]  # [bm, p]
-        dtype = dYi.dtype
+        dtype = operand_dtype(dYi.dtype)  # of float32 intermediates fed to matmuls
         acum_i = acum_ref[bi, ci, hi, pl.ds(ib * bm, bm)]
         S = _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi, pl.ds(0, p))
         dYs = (dYi.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(dtype)

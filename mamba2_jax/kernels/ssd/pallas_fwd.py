@@ -31,7 +31,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 
+def operand_dtype(dtype):
+    """The dtype a float32 intermediate (a state, a cotangent product) takes as a matmul operand
+    beside ``dtype`` inputs: ``dtype`` itself, except float16, whose range (65504) states and
+    cotangents can exceed: float32 there."""
+    return jnp.float32 if dtype == jnp.float16 else dtype
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False, fp32=False):
+    """A 2-D matmul with float32 accumulation; operands of two dtypes are both taken in float32
+    (at HIGHEST precision, as are float32 operands when ``fp32``)."""
+    if a.dtype != b.dtype:
+        a, b, fp32 = a.astype(jnp.float32), b.astype(jnp.float32), True
     dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
     precision = lax.Precision.HIGHEST if fp32 else None
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision,
@@ -107,7 +118,7 @@ def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, 
     # The state entering this chunk (h0 at a sequence start), loaded once per program.
     prev = jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, :, :],
                      end_ref[bi, jnp.maximum(ci - 1, 0), hi, :, :])  # [p, n] float32
-    prev = prev.astype(C_ref.dtype)
+    prev = prev.astype(operand_dtype(C_ref.dtype))
     d = D_ref[hi, :] if d_per_channel else D_ref[hi]
 
     def row_block(r, carry):
