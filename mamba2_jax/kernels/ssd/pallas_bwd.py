@@ -44,21 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mamba2_jax.kernels.ssd.pallas_fwd import (_dot, chunk_decays, launcher, local_states,
-                                              operand_dtype)
-
-
-def _causal_decay(acum_i, acum_j, row0, col0, bm):
-    """``exp(acum_i - acum_j)`` on and below the diagonal, 0 above: [bm, bm] float32."""
-    row = row0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
-    col = col0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
-    return jnp.exp(jnp.where(col <= row, acum_i[:, None] - acum_j[None, :], -jnp.inf))
-
-
-def _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi, ps):
-    """The state entering chunk ci: h0 at a sequence's first chunk, else the previous end."""
-    return jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, ps, :],
-                     end_ref[bi, jnp.maximum(ci - 1, 0), hi, ps, :])
+from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state, chunk_decays,
+                                              launcher, local_states, operand_dtype)
 
 
 def _reverse_pass_kernel(K_ref, dend_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,

@@ -49,6 +49,19 @@ def _dot(a, b, *, trans_a=False, trans_b=False, fp32=False):
                            preferred_element_type=jnp.float32)
 
 
+def _causal_decay(acum_i, acum_j, row0, col0, bm):
+    """``exp(acum_i - acum_j)`` on and below the diagonal, 0 above: [bm, bm] float32."""
+    row = row0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
+    col = col0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+    return jnp.exp(jnp.where(col <= row, acum_i[:, None] - acum_j[None, :], -jnp.inf))
+
+
+def _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi, ps):
+    """The state entering chunk ci: h0 at a sequence's first chunk, else the previous end."""
+    return jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, ps, :],
+                     end_ref[bi, jnp.maximum(ci - 1, 0), hi, ps, :])
+
+
 def _local_state(x_ref, B_ref, w_ref, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
     """sum_j w_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n] float32.
 
@@ -116,8 +129,8 @@ def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, 
     bi, ci = bc // nc, bc % nc
     gi = hi // heads_per_group
     # The state entering this chunk (h0 at a sequence start), loaded once per program.
-    prev = jnp.where(first_ref[bi, ci] != 0, h0_ref[index_ref[bi, ci], hi, :, :],
-                     end_ref[bi, jnp.maximum(ci - 1, 0), hi, :, :])  # [p, n] float32
+    prev = _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi,
+                           pl.ds(0, x_ref.shape[-1]))  # [p, n] float32
     prev = prev.astype(operand_dtype(C_ref.dtype))
     d = D_ref[hi, :] if d_per_channel else D_ref[hi]
 
@@ -129,17 +142,14 @@ def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, 
         # Inter-chunk term: the entering state decayed to each row, read by C_i.
         Cs = (Ci.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(Ci.dtype)
         acc = _dot(Cs, prev, trans_b=True, fp32=fp32)  # [bm, p]
-        row_id = mb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
 
         def col_block(jb, acc):  # intra-chunk term, block by block up to the diagonal
             cols = pl.ds(ci * q + jb * bm, bm)
             xj = x_ref[bi, cols, hi, :]  # [bm, p]
-            acum_j = acum_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
-            dt_j = dt_ref[bi, ci, hi, pl.ds(jb * bm, bm)]
-            col_id = jb * bm + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
-            seg = jnp.where(col_id <= row_id, acum_i[:, None] - acum_j[None, :], -jnp.inf)
+            L = _causal_decay(acum_i, acum_ref[bi, ci, hi, pl.ds(jb * bm, bm)], mb * bm,
+                              jb * bm, bm)
             cb = _dot(Ci, B_ref[bi, cols, gi, :], trans_b=True, fp32=fp32)  # C_i . B_j
-            s = cb * jnp.exp(seg) * dt_j[None, :]
+            s = cb * L * dt_ref[bi, ci, hi, pl.ds(jb * bm, bm)][None, :]
             return acc + _dot(s.astype(xj.dtype), xj, fp32=fp32)
 
         acc = lax.fori_loop(0, mb + 1, col_block, acc)
