@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import check_pow2, process_dt, with_reference_gradient
-import jax
-
 from mamba2_jax.kernels.ssd.layout import ChunkPlan
 from mamba2_jax.kernels.ssd.pallas_bwd import ssd_backward_chunked
 from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
