@@ -96,19 +96,26 @@ def ssd_cost(b, l, h, p, g, n, q, itemsize=2):
     return flops, bytes_
 
 
+def dense_layout(x, B, q):
+    """The chunk layout of a dense, chunk-aligned batch (l a multiple of q, as in every benchmark
+    shape): is_first / init_index [b, c] and zero initial states [b, h, p, n]."""
+    import jax.numpy as jnp
+
+    b, l, h, p = x.shape
+    first = jnp.zeros((b, l // q), jnp.int32).at[:, 0].set(1)
+    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, l // q))
+    return first, index, jnp.zeros((b, h, p, B.shape[-1]), jnp.float32)
+
+
 def breakdown(cfg, x, dt, A, B, C, D, bias, sync):
     """Time each stage of our forward alone (same inputs, same timer)."""
     import jax
-    import jax.numpy as jnp
 
     from mamba2_jax.kernels.common import process_dt
     from mamba2_jax.kernels.ssd import pallas_fwd as k
 
-    b, l, h, p = x.shape
     q = cfg.chunk_size
-    first = jnp.zeros((b, l // q), jnp.int32).at[:, 0].set(1)
-    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, l // q))
-    h0 = jnp.zeros((b, h, p, B.shape[-1]), jnp.float32)
+    first, index, h0 = dense_layout(x, B, q)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     prologue = jax.jit(lambda dt, bias: k.chunk_decays(process_dt(dt, bias, True), A, q))
     dec = prologue(dt, bias)
@@ -135,11 +142,8 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     from mamba2_jax.kernels.ssd import pallas_bwd as kb
     from mamba2_jax.kernels.ssd import pallas_fwd as kf
 
-    b, l, h, p = x.shape
-    n, q = B.shape[-1], cfg.chunk_size
-    first = jnp.zeros((b, l // q), jnp.int32).at[:, 0].set(1)
-    index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, l // q))
-    h0 = jnp.zeros((b, h, p, n), jnp.float32)
+    q = cfg.chunk_size
+    first, index, h0 = dense_layout(x, B, q)
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
     _, end = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index, chunk_size=q,
                                     interpret=interpret)
@@ -251,7 +255,6 @@ def main():
     import jax
     import jax.numpy as jnp
     import torch
-    import triton
 
     sys.path.insert(0, str(Path(args.peers).resolve()))
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined

@@ -248,10 +248,9 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p] and ``dend`` [b, c, h, p, n].
     ``heads``: at most this many heads of one group per dx/dB and dC program.
     """
-    rows, L, h, p = x.shape
+    rows, L, h, _ = x.shape
     g, n = B.shape[-2:]
     q = chunk_size
-    c = L // q
     hb = heads_per_program(h, g, heads)
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=block_m, heads=heads, **launch)

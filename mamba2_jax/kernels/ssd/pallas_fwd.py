@@ -244,12 +244,11 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
         _output_kernel, q=q, bm=bm, row_blocks=row_blocks, heads_per_group=h // g,
         fp32=x.dtype == jnp.float32, has_z=has_z, d_per_channel=D.ndim == 2)
     y = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    out = launcher(interpret, num_warps, num_stages)(
+    return launcher(interpret, num_warps, num_stages)(
         kernel, out_shape=(y, y) if return_pre_gate else y,
         grid=(h, q // bm // row_blocks, b * (L // q)), name="ssd_chunk_output")(
         x, C, B, dec.dt, dec.acum, is_first.astype(jnp.int32), init_index.astype(jnp.int32), h0,
         end, D.astype(jnp.float32), z if has_z else x)
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "block_p",
