@@ -121,11 +121,11 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync):
     dec = prologue(dt, bias)
     states = jax.jit(lambda x, B, dec: k.chunk_states(
         x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k,
-        block_p=cfg.block_p, two_pass=cfg.two_pass, **launch))
+        block_p=cfg.block_p, pass_block_p=cfg.pass_block_p, two_pass=cfg.two_pass, **launch))
     end = states(x, B, dec)
     outputs = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
         x, B, C, dec, first, index, h0, end, D, None, chunk_size=q, block_m=cfg.block_m,
-        row_blocks=cfg.row_blocks, **launch))
+        row_blocks=cfg.row_blocks, block_n=cfg.block_n, **launch))
     return dict(
         prologue=timeit(lambda: prologue(dt, bias), sync),
         states=timeit(lambda: states(x, B, dec), sync),
@@ -153,9 +153,10 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
     whole = jax.jit(lambda *a: kb.ssd_backward_chunked(
         *a, chunk_size=q, block_m=cfg.bwd_block_m, block_k=cfg.block_k, heads=cfg.bwd_heads,
-        **launch))
+        pass_block_p=cfg.pass_block_p, **launch))
     states = jax.jit(lambda dy, dec, end, dend: kb.gradient_states(
-        dy, C, dec, first, index, h0, end, dend, chunk_size=q, block_k=cfg.block_k, **launch))
+        dy, C, dec, first, index, h0, end, dend, chunk_size=q, block_k=cfg.block_k,
+        pass_block_p=cfg.pass_block_p, **launch))
     _, G, _ = states(dy, dec, end, dend)
     dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D, **blocks))
     dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
@@ -241,10 +242,11 @@ def main():
     ap.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
     ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
     ap.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
-    ap.add_argument("--configs", default="64:32:64:4:3:1:4",
-                    help="our forward configs to try: "
-                         "block_m:block_k:block_p:warps:stages:two_pass:row_blocks,...")
-    ap.add_argument("--bwd-configs", default="64:4:4:2",
+    ap.add_argument("--configs", default="64:32:64:4:3:1:4:8:32",
+                    help="our forward configs to try: block_m:block_k:block_p:warps:stages:"
+                         "two_pass:row_blocks[:pass_block_p[:block_n]],... "
+                         "(pass_block_p / block_n 0: None; left out: the default)")
+    ap.add_argument("--bwd-configs", default="64:4:4:1",
                     help="our backward configs to try (with the best forward): "
                          "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages,...")
     ap.add_argument("--grad-check", action="store_true",
@@ -268,7 +270,7 @@ def main():
     jsync = lambda out: jax.block_until_ready(out) if out is not None else None
     tsync = lambda _: torch.cuda.synchronize()
     fields = ("block_m", "block_k", "block_p", "num_warps", "num_stages", "two_pass",
-              "row_blocks")
+              "row_blocks", "pass_block_p", "block_n")
     configs = [dict(zip(fields, (int(v) for v in c.split(":")))) for c in args.configs.split(",")]
 
     rows = []
@@ -308,7 +310,8 @@ def main():
         best = None
         for conf in configs:
             name = ":".join(str(v) for v in conf.values())
-            conf = {**conf, "two_pass": bool(conf["two_pass"])}
+            conf = {k: bool(v) if k == "two_pass" else (
+                v or None) if k in ("pass_block_p", "block_n") else v for k, v in conf.items()}
             cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, **conf)
             try:
                 fn = ours_with(cfg)

@@ -155,6 +155,27 @@ def test_pallas_backward_matches_the_scan_oracle_with_multi_block_chunks():
     assert_grads_close(grads(kernel, w, wf, args), grads(oracle, w, wf, args), jnp.float32)
 
 
+def test_state_passes_split_over_p_and_column_steps_keep_results():
+    """Both state passes split over p (programs of 8 rows), the output kernel stepping over
+    half a row block of columns at a time: the forward and the gradients against the
+    reference."""
+    args, w, wf, _ = case_args(2, 90, 8, 32, 2, 16, jnp.float32, ("Dhp", "z", "h0"), None)
+    cfg = SSDKernelConfig(chunk_size=64, dt_softplus=True, block_m=32, block_n=16, block_k=16,
+                          bwd_block_m=16, pass_block_p=8, interpret=not ON_GPU)
+
+    def kernel(x, dt, A, B, C, D, z, bias, h0):
+        return ssd_pallas(cfg, x, dt, A, B, C, D, z, bias, h0, None)[:2]
+
+    def reference(x, dt, A, B, C, D, z, bias, h0):
+        return ssd_chunk_scan(x, dt, A, B, C, chunk_size=64, D=D, z=z, dt_bias=bias,
+                              dt_softplus=True, initial_states=h0, return_final_states=True,
+                              impl="xla")
+
+    for got, want in zip(kernel(*args), reference(*args)):
+        assert rel(got, want) < TOL[jnp.float32]
+    assert_grads_close(grads(kernel, w, wf, args), grads(reference, w, wf, args), jnp.float32)
+
+
 def test_chunk_state_cotangents_reach_the_inputs():
     """A loss on the per-chunk states alone: the Pallas backward against the reference."""
     args, _, _, _ = case_args(2, 50, 4, 16, 1, 16, jnp.float32, ("D", "h0"), None)
@@ -237,24 +258,26 @@ def _lowering_args(dtype, with_z, d_per_channel, b=1, l=1024, h=8, p=64, g=1, n=
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
-@pytest.mark.parametrize("with_z,d_per_channel", [(False, False), (True, True)])
-def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel):
+@pytest.mark.parametrize("with_z,d_per_channel,blocks", [
+    (False, False, {}), (True, True, {}), (True, False, dict(pass_block_p=16))])
+def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
     """Cross-lower at real sizes: Triton lowering errors (shapes, primitives) fail on CPU."""
     args = _lowering_args(dtype, with_z, d_per_channel)
-    fn = functools.partial(ssd_forward_chunked, chunk_size=256, return_pre_gate=with_z)
+    fn = functools.partial(ssd_forward_chunked, chunk_size=256, return_pre_gate=with_z, **blocks)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk states, state passing, outputs
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
-@pytest.mark.parametrize("with_z,d_per_channel,g", [(False, False, 1), (True, True, 8)])
-def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g):
+@pytest.mark.parametrize("with_z,d_per_channel,g,blocks", [
+    (False, False, 1, {}), (True, True, 8, {}), (False, True, 1, dict(pass_block_p=8))])
+def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g, blocks):
     b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
     S = jax.ShapeDtypeStruct
     args = _lowering_args(dtype, with_z, d_per_channel, g=g) + (
         S((b, l, h, p), jnp.float32), S((b, l // q, h, p, n), jnp.float32),
         S((b, l, h, p), dtype), S((b, l // q, h, p, n), jnp.float32))
-    fn = functools.partial(ssd_backward_chunked, chunk_size=q)
+    fn = functools.partial(ssd_backward_chunked, chunk_size=q, **blocks)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # local gradient states, reverse state passing, dx/dB, dC
     assert text.count("__gpu$xla.gpu.triton") == 4

@@ -32,8 +32,10 @@ class SSDKernelConfig:
     dt_softplus: bool = False
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     block_m: int = 64  # rows of y per block of the output kernel
+    block_n: int | None = 32  # columns per step of the output kernel (None: block_m; H200: 32)
     block_k: int = 32  # tokens per step when accumulating a chunk's state
     block_p: int | None = None  # head-dim columns per program of the state kernels (None: all)
+    pass_block_p: int | None = 8  # head-dim rows per program of both state passes (None: all p)
     row_blocks: int = 4  # row blocks per program of the output kernel (4: a 256-chunk each)
     num_warps: int = 4
     num_stages: int = 3
@@ -51,12 +53,13 @@ class SSDKernelConfig:
                              f"got {self.backward!r}")
         # Blocks tile the chunk exactly (a block that does not divide it leaves rows unwritten);
         # Triton dots need sides >= 16.
-        for name in ("block_m", "block_k", "bwd_block_m") + (
-                ("block_p",) if self.block_p is not None else ()):
+        for name in ("block_m", "block_k", "bwd_block_m") + tuple(
+                v for v in ("block_n", "block_p") if getattr(self, v) is not None):
             if check_pow2(name, getattr(self, name), op="SSDKernelConfig") < 16:
                 raise ValueError(f"SSDKernelConfig: {name} must be >= 16, got "
                                  f"{getattr(self, name)}")
-        for name in ("row_blocks", "num_warps", "bwd_num_warps"):
+        for name in ("row_blocks", "num_warps", "bwd_num_warps") + (
+                ("pass_block_p",) if self.pass_block_p is not None else ()):  # no dots: any pow2
             check_pow2(name, getattr(self, name), op="SSDKernelConfig")
         if not (isinstance(self.bwd_heads, int) and self.bwd_heads >= 1):
             raise ValueError(f"SSDKernelConfig: bwd_heads must be a positive int, got "
@@ -84,8 +87,10 @@ def pallas_unsupported(x, B, chunk_size: int) -> str | None:
 def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
     return dict(
         chunk_size=cfg.chunk_size, block_m=min(cfg.block_m, cfg.chunk_size),
+        block_n=None if cfg.block_n is None else min(cfg.block_n, cfg.block_m, cfg.chunk_size),
         block_k=min(cfg.block_k, cfg.chunk_size),
         block_p=None if cfg.block_p is None else min(cfg.block_p, p),
+        pass_block_p=None if cfg.pass_block_p is None else min(cfg.pass_block_p, p),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, two_pass=cfg.two_pass,
         row_blocks=cfg.row_blocks, interpret=cfg.interpret)
 
@@ -112,8 +117,8 @@ def _core_bwd(cfg, res, cotangents):
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
         x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dend,
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, block_k=cfg.block_k,
-        heads=cfg.bwd_heads, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages,
-        interpret=cfg.interpret)
+        heads=cfg.bwd_heads, pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,
+        num_stages=cfg.bwd_num_stages, interpret=cfg.interpret)
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 
 

@@ -12,7 +12,7 @@ cotangent of S_end, all paths summed), the kernels compute
 
 1. ``local_states(dY, C, exp(acum))``: ``K_c = sum_i exp(acum_i) dY_i^T C_i``, every chunk in
    parallel (the forward's chunk-state kernel with other operands);
-2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h; whole [p, n] states):
+2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h, p / bp):
    ``G_c = dend_c + [c + 1 not a first chunk] (K_{c+1} + exp(total_{c+1}) G_{c+1})``, and
    ``exp(total_c) <S_c, G_c>`` (the decay term of d acum_last);
 3. ``_dx_dB_kernel`` (per column block j, looping over the row blocks i >= j):
@@ -187,19 +187,21 @@ def _first_chunk_gradient(K, G, total, is_first, init_index, m):
 
 
 def gradient_states(dY, C, dec, is_first, init_index, h0, end, dend, *, chunk_size, block_k=32,
-                    num_warps=4, num_stages=2, interpret=False):
-    """Kernels 1 and 2: (K, G [b, c, h, p, n], exp(total) <S, G> [b, c, h]) float32."""
+                    pass_block_p=None, num_warps=4, num_stages=2, interpret=False):
+    """Kernels 1 and 2: (K, G [b, c, h, p, n], exp(total) <S, G> [b, c, h]) float32;
+    ``pass_block_p`` head-dim rows per program of the reverse pass (None: all p)."""
     rows, L, h, p = dY.shape
     n = C.shape[-1]
+    pp = p if pass_block_p is None else min(pass_block_p, p)
     K = local_states(dY, C, jnp.exp(dec.acum), chunk_size=chunk_size, block_k=block_k,
                      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     states = jax.ShapeDtypeStruct((rows, L // chunk_size, h, p, n), jnp.float32)
     G, sg = launcher(interpret, num_warps, num_stages)(
-        functools.partial(_reverse_pass_kernel, bp=p),
-        out_shape=(states, jax.ShapeDtypeStruct(states.shape[:3] + (1,), jnp.float32)),
-        grid=(rows, h, 1), name="ssd_bwd_state_passing")(
+        functools.partial(_reverse_pass_kernel, bp=pp),
+        out_shape=(states, jax.ShapeDtypeStruct(states.shape[:3] + (p // pp,), jnp.float32)),
+        grid=(rows, h, p // pp), name="ssd_bwd_state_passing")(
         K, dend.astype(jnp.float32), dec.total, is_first, init_index, h0, end)
-    return K, G, sg[..., 0]
+    return K, G, jnp.sum(sg, axis=-1)  # <S, G> summed over the programs' row blocks
 
 
 def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, heads=4, num_warps=4,
@@ -238,10 +240,12 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "heads",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "pass_block_p", "num_warps", "num_stages",
+                                             "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy, dend,
                          *, chunk_size: int, block_m: int = 64, block_k: int = 32, heads: int = 4,
-                         num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+                         pass_block_p: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                         interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
@@ -260,7 +264,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     dY, dz, dD = _gate_backward(dy, x, D, z, y_pre)
     dY = dY.astype(x.dtype)
     K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dend, chunk_size=q,
-                               block_k=block_k, **launch)
+                               block_k=block_k, pass_block_p=pass_block_p, **launch)
     dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, **blocks)
     dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, **blocks)
 

@@ -49,10 +49,11 @@ def _dot(a, b, *, trans_a=False, trans_b=False, fp32=False):
                            preferred_element_type=jnp.float32)
 
 
-def _causal_decay(acum_i, acum_j, row0, col0, bm):
-    """``exp(acum_i - acum_j)`` on and below the diagonal, 0 above: [bm, bm] float32."""
-    row = row0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 0)
-    col = col0 + lax.broadcasted_iota(jnp.int32, (bm, bm), 1)
+def _causal_decay(acum_i, acum_j, row0, col0, bm, bn=None):
+    """``exp(acum_i - acum_j)`` on and below the diagonal, 0 above: [bm, bn] float32."""
+    shape = (bm, bm if bn is None else bn)
+    row = row0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    col = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     return jnp.exp(jnp.where(col <= row, acum_i[:, None] - acum_j[None, :], -jnp.inf))
 
 
@@ -122,8 +123,8 @@ def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, *, b
 
 
 def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref, end_ref,
-                   D_ref, z_ref, y_ref, *pre_ref, q, bm, row_blocks, heads_per_group, fp32, has_z,
-                   d_per_channel):
+                   D_ref, z_ref, y_ref, *pre_ref, q, bm, bn, row_blocks, heads_per_group, fp32,
+                   has_z, d_per_channel):
     hi, mg, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = end_ref.shape[1]
     bi, ci = bc // nc, bc % nc
@@ -143,16 +144,16 @@ def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, 
         Cs = (Ci.astype(jnp.float32) * jnp.exp(acum_i)[:, None]).astype(Ci.dtype)
         acc = _dot(Cs, prev, trans_b=True, fp32=fp32)  # [bm, p]
 
-        def col_block(jb, acc):  # intra-chunk term, block by block up to the diagonal
-            cols = pl.ds(ci * q + jb * bm, bm)
-            xj = x_ref[bi, cols, hi, :]  # [bm, p]
-            L = _causal_decay(acum_i, acum_ref[bi, ci, hi, pl.ds(jb * bm, bm)], mb * bm,
-                              jb * bm, bm)
+        def col_block(jb, acc):  # intra-chunk term, bn columns a step up to the diagonal
+            cols = pl.ds(ci * q + jb * bn, bn)
+            sub_j = pl.ds(jb * bn, bn)
+            xj = x_ref[bi, cols, hi, :]  # [bn, p]
+            L = _causal_decay(acum_i, acum_ref[bi, ci, hi, sub_j], mb * bm, jb * bn, bm, bn)
             cb = _dot(Ci, B_ref[bi, cols, gi, :], trans_b=True, fp32=fp32)  # C_i . B_j
-            s = cb * L * dt_ref[bi, ci, hi, pl.ds(jb * bm, bm)][None, :]
+            s = cb * L * dt_ref[bi, ci, hi, sub_j][None, :]
             return acc + _dot(s.astype(xj.dtype), xj, fp32=fp32)
 
-        acc = lax.fori_loop(0, mb + 1, col_block, acc)
+        acc = lax.fori_loop(0, (mb + 1) * (bm // bn), col_block, acc)
         y = acc + x_ref[bi, rows, hi, :].astype(jnp.float32) * d
         if pre_ref:  # the output before the gate, kept for the backward
             pre_ref[0][bi, rows, hi, :] = y.astype(pre_ref[0].dtype)
@@ -207,8 +208,10 @@ def local_states(x, B, w, *, chunk_size, block_k=32, block_p=None, num_warps=4, 
 
 
 def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, block_k=32,
-                 block_p=None, two_pass=True, num_warps=4, num_stages=3, interpret=False):
-    """The state leaving every chunk: [b, c, h, p, n] float32 (kernels 1 / 1a + 1b)."""
+                 block_p=None, pass_block_p=None, two_pass=True, num_warps=4, num_stages=3,
+                 interpret=False):
+    """The state leaving every chunk: [b, c, h, p, n] float32 (kernels 1 / 1a + 1b).
+    ``pass_block_p``: head-dim rows per program of the state pass (None: all p)."""
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
     q, c = chunk_size, L // chunk_size
@@ -223,39 +226,43 @@ def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, blo
         return launcher(**launch)(kernel, out_shape=states, grid=(b, h, p // bp),
                                   name="ssd_state_passing")(x, B, w, dec.total, first, index, h0)
     loc = local_states(x, B, w, chunk_size=q, block_k=block_k, block_p=block_p, **launch)
-    return launcher(**launch)(functools.partial(_pass_kernel, bp=bp), out_shape=states,
-                              grid=(b, h, p // bp), name="ssd_state_passing")(
+    pp = p if pass_block_p is None else min(pass_block_p, p)
+    return launcher(**launch)(functools.partial(_pass_kernel, bp=pp), out_shape=states,
+                              grid=(b, h, p // pp), name="ssd_state_passing")(
         loc, dec.total, first, index, h0)
 
 
 def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, chunk_size,
-                  block_m=64, row_blocks=4, return_pre_gate=False, num_warps=4, num_stages=3,
-                  interpret=False):
+                  block_m=64, block_n=None, row_blocks=4, return_pre_gate=False, num_warps=4,
+                  num_stages=3, interpret=False):
     """y [b, c*q, h, p] from the chunk end states (kernel 2); each program writes
-    ``row_blocks`` blocks of ``block_m`` rows of one chunk and head. ``return_pre_gate``: also
-    return y before the gate (``y_ssd + D x``, in x.dtype: the backward's residual for dz)."""
+    ``row_blocks`` blocks of ``block_m`` rows of one chunk and head, stepping over the columns
+    ``block_n`` (default block_m) at a time. ``return_pre_gate``: also return y before the
+    gate (``y_ssd + D x``, in x.dtype: the backward's residual for dz)."""
     b, L, h, p = x.shape
     g = B.shape[-2]
     q = chunk_size
     bm = min(block_m, q)
+    bn = bm if block_n is None else min(block_n, bm)
     row_blocks = min(row_blocks, q // bm)
     has_z = z is not None
     kernel = functools.partial(
-        _output_kernel, q=q, bm=bm, row_blocks=row_blocks, heads_per_group=h // g,
+        _output_kernel, q=q, bm=bm, bn=bn, row_blocks=row_blocks, heads_per_group=h // g,
         fp32=x.dtype == jnp.float32, has_z=has_z, d_per_channel=D.ndim == 2)
     y = jax.ShapeDtypeStruct(x.shape, x.dtype)
     return launcher(interpret, num_warps, num_stages)(
         kernel, out_shape=(y, y) if return_pre_gate else y,
         grid=(h, q // bm // row_blocks, b * (L // q)), name="ssd_chunk_output")(
-        x, C, B, dec.dt, dec.acum, is_first.astype(jnp.int32), init_index.astype(jnp.int32), h0,
-        end, D.astype(jnp.float32), z if has_z else x)
+        x, C, B, dec.dt, dec.acum, is_first.astype(jnp.int32), init_index.astype(jnp.int32),
+        h0, end, D.astype(jnp.float32), z if has_z else x)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "block_p",
-                                             "row_blocks", "num_warps", "num_stages", "two_pass",
-                                             "return_pre_gate", "interpret"))
+@functools.partial(jax.jit, static_argnames=(
+    "chunk_size", "block_m", "block_n", "block_k", "block_p", "pass_block_p", "row_blocks",
+    "num_warps", "num_stages", "two_pass", "return_pre_gate", "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
-                        block_m: int = 64, block_k: int = 32, block_p: int | None = None,
+                        block_m: int = 64, block_n: int | None = None, block_k: int = 32,
+                        block_p: int | None = None, pass_block_p: int | None = None,
                         row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
                         two_pass: bool = True, return_pre_gate: bool = False,
                         interpret: bool = False):
@@ -266,15 +273,17 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
     end states [b, c, h, p, n] float32), and with ``return_pre_gate`` (y, end, y before the
     gate). ``two_pass``: compute every chunk's own state in parallel, then pass states in a
-    light sequential kernel (instead of one sequential kernel).
+    light sequential kernel (instead of one sequential kernel), ``pass_block_p`` head-dim rows
+    per program of it; ``block_n``: see :func:`chunk_outputs`.
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     dec = chunk_decays(dt, A, q)
     end = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
-                       block_k=block_k, block_p=block_p, two_pass=two_pass, **launch)
+                       block_k=block_k, block_p=block_p, pass_block_p=pass_block_p,
+                       two_pass=two_pass, **launch)
     out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
-                        block_m=block_m, row_blocks=row_blocks,
+                        block_m=block_m, block_n=block_n, row_blocks=row_blocks,
                         return_pre_gate=return_pre_gate, **launch)
     if return_pre_gate:
         return out[0], end, out[1]
