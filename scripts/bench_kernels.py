@@ -152,21 +152,31 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
     dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
     whole = jax.jit(lambda *a: kb.ssd_backward_chunked(
-        *a, chunk_size=q, block_m=cfg.bwd_block_m, block_k=cfg.block_k, heads=cfg.bwd_heads,
-        pass_block_p=cfg.pass_block_p, **launch))
+        *a, chunk_size=q, block_m=cfg.bwd_block_m, dc_block_n=cfg.bwd_dc_block_n,
+        block_k=cfg.block_k, heads=cfg.bwd_heads, pass_block_p=cfg.pass_block_p, **launch))
     states = jax.jit(lambda dy, dec, end, dend: kb.gradient_states(
         dy, C, dec, first, index, h0, end, dend, chunk_size=q, block_k=cfg.block_k,
         pass_block_p=cfg.pass_block_p, **launch))
     _, G, _ = states(dy, dec, end, dend)
     dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D, **blocks))
     dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
-                                                     **blocks))
+                                                     block_n=cfg.bwd_dc_block_n, **blocks))
     return dict(
         backward=timeit(lambda: whole(x, dtp, A, B, C, D, None, h0, first, index, None, end,
                                       dy, dend), sync),
         gradient_states=timeit(lambda: states(dy, dec, end, dend), sync),
         dx_dB=timeit(lambda: dxdb(dy, dec, G), sync),
         dC=timeit(lambda: dc(dy, dec, end), sync))
+
+
+def backward_fields(spec: str) -> dict:
+    """``bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages[:bwd_dc_block_n]`` -> config fields
+    (``bwd_dc_block_n`` 0: None)."""
+    names = ("bwd_block_m", "bwd_heads", "bwd_num_warps", "bwd_num_stages", "bwd_dc_block_n")
+    fields = dict(zip(names, (int(v) for v in spec.split(":"))))
+    if "bwd_dc_block_n" in fields:
+        fields["bwd_dc_block_n"] = fields["bwd_dc_block_n"] or None
+    return fields
 
 
 def grad_errors(grad_ours, theirs_fwd_bwd, leaves, args, q, dy):
@@ -248,7 +258,8 @@ def main():
                          "(pass_block_p / block_n 0: None; left out: the default)")
     ap.add_argument("--bwd-configs", default="64:4:4:1",
                     help="our backward configs to try (with the best forward): "
-                         "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages,...")
+                         "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages[:bwd_dc_block_n],"
+                         "... (bwd_dc_block_n 0: None)")
     ap.add_argument("--grad-check", action="store_true",
                     help="on the first shape, compare ours' and mamba_ssm's bf16 gradients with "
                          "the XLA reference's (float32 arithmetic)")
@@ -347,11 +358,9 @@ def main():
             y = ssd_pallas(cfg, x, dt, A, B, C, D, None, bias, None, None)[0]
             return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
-        bwd_fields = ("bwd_block_m", "bwd_heads", "bwd_num_warps", "bwd_num_stages")
         best_bwd = None
         for spec in args.bwd_configs.split(","):
-            bconf = dict(zip(bwd_fields, (int(v) for v in spec.split(":"))))
-            bcfg = dataclasses.replace(cfg, **bconf)
+            bcfg = dataclasses.replace(cfg, **backward_fields(spec))
             grad_fn = jax.jit(jax.grad(functools.partial(loss, bcfg), argnums=tuple(range(7))))
             try:
                 ms = timeit(lambda: grad_fn(x, dt, A, B, C, D, bias), jsync, iters=5, reps=5)
@@ -362,8 +371,7 @@ def main():
             if best_bwd is None or ms < best_bwd[0]:
                 best_bwd = (ms, spec, grad_fn)
         row["ours_fwd_bwd_ms"], row["ours_bwd_config"], grad_fn = best_bwd
-        bcfg = dataclasses.replace(cfg, **dict(zip(bwd_fields, (
-            int(v) for v in row["ours_bwd_config"].split(":")))))
+        bcfg = dataclasses.replace(cfg, **backward_fields(row["ours_bwd_config"]))
         try:
             row["ours_bwd_breakdown_ms"] = backward_breakdown(bcfg, x, dt, A, B, C, D, bias, dy,
                                                               jsync)

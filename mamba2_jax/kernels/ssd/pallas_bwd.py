@@ -122,7 +122,7 @@ def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_r
 
 
 def _dC_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, first_ref, index_ref, h0_ref,
-               end_ref, dC_ref, inter_ref, *, q, bm, hb, heads_per_group, fp32):
+               end_ref, dC_ref, inter_ref, *, q, bm, bn, hb, heads_per_group, fp32):
     hk, ib, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = end_ref.shape[1]
     bi, ci = bc // nc, bc % nc
@@ -142,15 +142,15 @@ def _dC_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, first_ref, index_r
         inter_ref[bi, ci, hi, pl.ds(ib * bm, bm)] = jnp.sum(dC_inter * Ci, axis=1)
         acc = acc + dC_inter
 
-        def col_block(jb, acc):
-            cols = pl.ds(ci * q + jb * bm, bm)
-            sub_j = pl.ds(jb * bm, bm)
-            L = _causal_decay(acum_i, acum_ref[bi, ci, hi, sub_j], ib * bm, jb * bm, bm)
+        def col_block(jb, acc):  # bn columns a step, up to the diagonal
+            cols = pl.ds(ci * q + jb * bn, bn)
+            sub_j = pl.ds(jb * bn, bn)
+            L = _causal_decay(acum_i, acum_ref[bi, ci, hi, sub_j], ib * bm, jb * bn, bm, bn)
             s = _dot(dYi, x_ref[bi, cols, hi, :], trans_b=True, fp32=fp32) * L
             s = s * dt_ref[bi, ci, hi, sub_j][None, :]
             return acc + _dot(s.astype(dtype), B_ref[bi, cols, gi, :], fp32=fp32)
 
-        return lax.fori_loop(0, ib + 1, col_block, acc)
+        return lax.fori_loop(0, (ib + 1) * (bm // bn), col_block, acc)
 
     dC_ref[bi, rows, hk, :] = lax.fori_loop(0, hb, head, jnp.zeros((bm, n), jnp.float32))
 
@@ -224,13 +224,15 @@ def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, heads=4, num_warps=
 
 
 def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, block_m=64,
-                heads=4, num_warps=4, num_stages=2, interpret=False):
-    """Kernel 4: (dC partials [b, c*q, h / hb, n], dY_i . y_inter_i [b, c, h, q])."""
+                block_n=None, heads=4, num_warps=4, num_stages=2, interpret=False):
+    """Kernel 4: (dC partials [b, c*q, h / hb, n], dY_i . y_inter_i [b, c, h, q]); each
+    program steps over the columns ``block_n`` (default block_m) at a time."""
     rows, L, h, p = x.shape
     g, n = B.shape[-2:]
     q, bm = chunk_size, min(block_m, chunk_size)
+    bn = bm if block_n is None else min(block_n, bm)
     hb = heads_per_program(h, g, heads)
-    kernel = functools.partial(_dC_kernel, q=q, bm=bm, hb=hb, heads_per_group=h // g,
+    kernel = functools.partial(_dC_kernel, q=q, bm=bm, bn=bn, hb=hb, heads_per_group=h // g,
                                fp32=x.dtype == jnp.float32)
     return launcher(interpret, num_warps, num_stages)(
         kernel, out_shape=(jax.ShapeDtypeStruct((rows, L, h // hb, n), jnp.float32),
@@ -239,18 +241,20 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
         x, B, C, dY, dec.dt, dec.acum, is_first, init_index, h0, end)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "block_m", "block_k", "heads",
-                                             "pass_block_p", "num_warps", "num_stages",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=(
+    "chunk_size", "block_m", "dc_block_n", "block_k", "heads", "pass_block_p", "num_warps",
+    "num_stages", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy, dend,
-                         *, chunk_size: int, block_m: int = 64, block_k: int = 32, heads: int = 4,
-                         pass_block_p: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                         interpret: bool = False):
+                         *, chunk_size: int, block_m: int = 64, dc_block_n: int | None = None,
+                         block_k: int = 32, heads: int = 4, pass_block_p: int | None = None,
+                         num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p] and ``dend`` [b, c, h, p, n].
-    ``heads``: at most this many heads of one group per dx/dB and dC program.
+    ``heads``: at most this many heads of one group per dx/dB and dC program; ``dc_block_n``:
+    columns per step of the dC kernel (None: block_m); ``pass_block_p``: head-dim rows per
+    program of the reverse state pass (None: all p).
     """
     rows, L, h, _ = x.shape
     g, n = B.shape[-2:]
@@ -266,7 +270,8 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dend, chunk_size=q,
                                block_k=block_k, pass_block_p=pass_block_p, **launch)
     dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, **blocks)
-    dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, **blocks)
+    dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, block_n=dc_block_n,
+                            **blocks)
 
     # d acum -> d a (reverse cumsum inside each chunk) -> d dt, d A. The row and column sums of
     # M come from the same blocks, so their roundings cancel in the reverse cumsum.

@@ -1,0 +1,181 @@
+"""Per-kernel device times of the SSD chunk scan on a GPU, ours and mamba_ssm's.
+
+    python scripts/profile_ssd.py --side ours --shapes 0,3 [--config '{"block_n": 32}']
+    python scripts/profile_ssd.py --side mamba_ssm --peers .peers --shapes 0,3
+
+Ours: ``jax.profiler.trace`` around ``iters`` calls of the jitted forward and of forward +
+backward, read back with ``jax.profiler.ProfileData``: every kernel event on the GPU's stream
+lines, summed by name and divided by ``iters``. mamba_ssm: ``torch.profiler`` around the same
+number of calls of ``mamba_chunk_scan_combined`` (forward, forward + autograd backward), kernel
+device times by name. One side per process (both profilers use CUPTI). Same inputs as
+``bench_kernels.py``. Writes ``profile_ssd_<side>_<device>.json`` and prints the kernels.
+(Nsight Compute was tried first: the profiled JAX process segfaulted while compiling.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import SHAPES  # noqa: E402
+
+
+def torch_inputs(shape):
+    import torch
+
+    b, l, h, p, g, n, _ = shape
+    torch.manual_seed(0)
+    dev = dict(device="cuda")
+    return dict(
+        x=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev),
+        dt=torch.randn(b, l, h, dtype=torch.float32, **dev) - 1.0,
+        A=-torch.rand(h, dtype=torch.float32, **dev) * 4 - 0.5,
+        B=torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev),
+        C=torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev),
+        D=torch.randn(h, dtype=torch.float32, **dev),
+        dt_bias=torch.randn(h, dtype=torch.float32, **dev) - 1.0,
+        dy=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev))
+
+
+def kernel_table(totals_ns: dict, iters: int):
+    rows = sorted(((name, ns / iters / 1e3) for name, ns in totals_ns.items()),
+                  key=lambda r: -r[1])
+    return dict(total_us=sum(us for _, us in rows),
+                kernels=[dict(name=name[:160], us=us) for name, us in rows])
+
+
+def device_kernels(trace_dir: str) -> dict:
+    """Kernel name -> summed duration (ns) over the GPU planes' stream lines of a trace (if
+    no line is named as a stream, every line's events, keyed "line: event")."""
+    from jax.profiler import ProfileData
+
+    streams, every = collections.Counter(), collections.Counter()
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                for event in line.events:
+                    every[f"{line.name}: {event.name}"] += event.duration_ns
+                    if line.name.lower().startswith("stream"):
+                        streams[event.name] += event.duration_ns
+    return streams or every
+
+
+def profile_ours(shape, config: dict, iters: int):
+    import jax
+    import jax.numpy as jnp
+
+    from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, ssd_pallas
+
+    t = torch_inputs(shape)
+    x, dt, A, B, C, D, bias, dy = (jnp.from_dlpack(t[k]) for k in (
+        "x", "dt", "A", "B", "C", "D", "dt_bias", "dy"))
+    cfg = SSDKernelConfig(chunk_size=shape[-1], dt_softplus=True, **config)
+    fwd = jax.jit(lambda *a: ssd_pallas(cfg, *a[:6], None, a[6], None, None)[:2])
+
+    def loss(*a):
+        y = ssd_pallas(cfg, *a[:6], None, a[6], None, None)[0]
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    out = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", grad)):
+        for _ in range(3):
+            jax.block_until_ready(fn(x, dt, A, B, C, D, bias))
+        trace_dir = tempfile.mkdtemp()
+        with jax.profiler.trace(trace_dir):
+            for _ in range(iters):
+                jax.block_until_ready(fn(x, dt, A, B, C, D, bias))
+        out[name] = kernel_table(device_kernels(trace_dir), iters)
+    return out
+
+
+def profile_mamba_ssm(shape, peers: str, iters: int):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(peers).resolve()))
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    t = torch_inputs(shape)
+    q = shape[-1]
+    leaves = [t[k].detach().clone().requires_grad_(True)
+              for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
+
+    def fwd():
+        return mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], q, D=t["D"],
+                                         dt_bias=t["dt_bias"], dt_softplus=True,
+                                         return_final_states=True)
+
+    def fwd_bwd():
+        for leaf in leaves:
+            leaf.grad = None
+        y = mamba_chunk_scan_combined(*leaves[:5], q, D=leaves[5], dt_bias=leaves[6],
+                                      dt_softplus=True)
+        y.backward(t["dy"])
+
+    out = {}
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        for _ in range(3):  # autotune, warm up
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        totals = collections.Counter()
+        for evt in prof.key_averages():
+            us = getattr(evt, "device_time_total", None)
+            if us is None:
+                us = evt.cuda_time_total
+            if us:
+                totals[evt.key] += us * 1e3  # us -> ns
+        out[name] = kernel_table(totals, iters)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--side", choices=("ours", "mamba_ssm"), required=True)
+    ap.add_argument("--peers", default=".peers", help="folder holding mamba_ssm's Triton ops")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", default="0", help="indices into bench_kernels.SHAPES")
+    ap.add_argument("--config", default="{}", help="SSDKernelConfig overrides, as JSON (ours)")
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args()
+
+    import jax
+    import torch
+
+    config = json.loads(args.config)
+    device = torch.cuda.get_device_name()
+    result = dict(side=args.side, device=device, jax=jax.__version__, torch=torch.__version__,
+                  config=config, iters=args.iters, shapes=[])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"profile_ssd_{args.side}_" + device.replace(" ", "_").replace("/", "_") + ".json"
+    for i in (int(v) for v in args.shapes.split(",")):
+        shape = SHAPES[i]
+        calls = (profile_ours(shape, config, args.iters) if args.side == "ours"
+                 else profile_mamba_ssm(shape, args.peers, args.iters))
+        result["shapes"].append(dict(shape=shape, calls=calls))
+        (out / name).write_text(json.dumps(result, indent=2))
+        print(f"{args.side} {shape}")
+        for call, table in calls.items():
+            print(f"  {call}: {table['total_us']:.1f} us of kernels per call")
+            for k in table["kernels"][:12]:
+                print(f"    {k['us']:9.1f} us  {k['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
