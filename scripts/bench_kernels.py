@@ -152,13 +152,15 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
     dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
     whole = jax.jit(lambda *a: kb.ssd_backward_chunked(
-        *a, chunk_size=q, block_m=cfg.bwd_block_m, dc_block_n=cfg.bwd_dc_block_n,
+        *a, chunk_size=q, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
+        dc_block_n=cfg.bwd_dc_block_n,
         block_k=cfg.block_k, heads=cfg.bwd_heads, pass_block_p=cfg.pass_block_p, **launch))
     states = jax.jit(lambda dy, dec, end, dend: kb.gradient_states(
         dy, C, dec, first, index, h0, end, dend, chunk_size=q, block_k=cfg.block_k,
         pass_block_p=cfg.pass_block_p, **launch))
     _, G, _ = states(dy, dec, end, dend)
-    dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D, **blocks))
+    dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D,
+                                               block_n=cfg.bwd_dx_block_n, **blocks))
     dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
                                                      block_n=cfg.bwd_dc_block_n, **blocks))
     return dict(
@@ -170,12 +172,14 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
 
 
 def backward_fields(spec: str) -> dict:
-    """``bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages[:bwd_dc_block_n]`` -> config fields
-    (``bwd_dc_block_n`` 0: None)."""
-    names = ("bwd_block_m", "bwd_heads", "bwd_num_warps", "bwd_num_stages", "bwd_dc_block_n")
+    """``bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages[:bwd_dx_block_n[:bwd_dc_block_n]]``
+    -> config fields (the step sizes 0: None)."""
+    names = ("bwd_block_m", "bwd_heads", "bwd_num_warps", "bwd_num_stages", "bwd_dx_block_n",
+             "bwd_dc_block_n")
     fields = dict(zip(names, (int(v) for v in spec.split(":"))))
-    if "bwd_dc_block_n" in fields:
-        fields["bwd_dc_block_n"] = fields["bwd_dc_block_n"] or None
+    for name in names[4:]:
+        if name in fields:
+            fields[name] = fields[name] or None
     return fields
 
 
@@ -258,8 +262,8 @@ def main():
                          "(pass_block_p / block_n 0: None; left out: the default)")
     ap.add_argument("--bwd-configs", default="64:4:4:1",
                     help="our backward configs to try (with the best forward): "
-                         "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages[:bwd_dc_block_n],"
-                         "... (bwd_dc_block_n 0: None)")
+                         "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages"
+                         "[:bwd_dx_block_n[:bwd_dc_block_n]],... (step sizes 0: None)")
     ap.add_argument("--grad-check", action="store_true",
                     help="on the first shape, compare ours' and mamba_ssm's bf16 gradients with "
                          "the XLA reference's (float32 arithmetic)")

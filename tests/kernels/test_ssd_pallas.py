@@ -156,12 +156,12 @@ def test_pallas_backward_matches_the_scan_oracle_with_multi_block_chunks():
 
 
 def test_state_passes_split_over_p_and_column_steps_keep_results():
-    """Both state passes split over p (programs of 8 rows), the output and dC kernels stepping
-    over half a row block of columns at a time: the forward and the gradients against the
-    reference."""
+    """Both state passes split over p (programs of 8 rows), the output, dx/dB and dC kernels
+    stepping over half a block of columns / rows at a time: the forward and the gradients
+    against the reference."""
     args, w, wf, _ = case_args(2, 90, 8, 32, 2, 16, jnp.float32, ("Dhp", "z", "h0"), None)
     cfg = SSDKernelConfig(chunk_size=64, dt_softplus=True, block_m=32, block_n=16, block_k=16,
-                          bwd_block_m=32, bwd_dc_block_n=16, pass_block_p=8,
+                          bwd_block_m=32, bwd_dx_block_n=16, bwd_dc_block_n=16, pass_block_p=8,
                           interpret=not ON_GPU)
 
     def kernel(x, dt, A, B, C, D, z, bias, h0):
@@ -233,7 +233,8 @@ def test_float16_gradients_keep_states_in_float32():
 
 
 @pytest.mark.parametrize("field,value", [("bwd_block_m", 48), ("block_m", 8), ("block_k", 24),
-                                         ("block_n", 8), ("bwd_dc_block_n", 24),
+                                         ("block_n", 8), ("bwd_dx_block_n", 24),
+                                         ("bwd_dc_block_n", 24),
                                          ("pass_block_p", 6),
                                          ("block_p", 12), ("row_blocks", 3), ("bwd_heads", 0)])
 def test_kernel_config_rejects_blocks_that_do_not_tile_a_chunk(field, value):
@@ -273,7 +274,7 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel,g,blocks", [
-    (False, False, 1, {}), (True, True, 8, {}), (False, True, 1, dict(pass_block_p=8, dc_block_n=32))])
+    (False, False, 1, {}), (True, True, 8, {}), (False, True, 1, dict(pass_block_p=8, dx_block_n=32, dc_block_n=32))])
 def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g, blocks):
     b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
     S = jax.ShapeDtypeStruct

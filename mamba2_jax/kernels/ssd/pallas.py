@@ -42,6 +42,7 @@ class SSDKernelConfig:
     two_pass: bool = True  # chunk states in parallel, then a light sequential pass
     backward: str = "pallas"  # "pallas" kernels, or "xla": jax.vjp of the reference (fallback)
     bwd_block_m: int = 64  # rows / columns per block of the backward kernels
+    bwd_dx_block_n: int | None = None  # rows per step of the dx/dB kernel (None: bwd_block_m)
     bwd_dc_block_n: int | None = None  # columns per step of the dC kernel (None: bwd_block_m)
     bwd_heads: int = 4  # at most this many heads (of one group) per dx/dB and dC program
     bwd_num_warps: int = 4
@@ -55,7 +56,7 @@ class SSDKernelConfig:
         # Blocks tile the chunk exactly (a block that does not divide it leaves rows unwritten);
         # Triton dots need sides >= 16.
         for name in ("block_m", "block_k", "bwd_block_m") + tuple(
-                v for v in ("block_n", "block_p", "bwd_dc_block_n")
+                v for v in ("block_n", "block_p", "bwd_dx_block_n", "bwd_dc_block_n")
                 if getattr(self, v) is not None):
             if check_pow2(name, getattr(self, name), op="SSDKernelConfig") < 16:
                 raise ValueError(f"SSDKernelConfig: {name} must be >= 16, got "
@@ -118,9 +119,9 @@ def _core_bwd(cfg, res, cotangents):
     dy, dend = cotangents
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
         x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dend,
-        chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dc_block_n=cfg.bwd_dc_block_n,
-        block_k=cfg.block_k, heads=cfg.bwd_heads, pass_block_p=cfg.pass_block_p,
-        num_warps=cfg.bwd_num_warps,
+        chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
+        dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
+        pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,
         num_stages=cfg.bwd_num_stages, interpret=cfg.interpret)
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 

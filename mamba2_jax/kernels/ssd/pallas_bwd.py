@@ -15,7 +15,8 @@ cotangent of S_end, all paths summed), the kernels compute
 2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h, p / bp):
    ``G_c = dend_c + [c + 1 not a first chunk] (K_{c+1} + exp(total_{c+1}) G_{c+1})``, and
    ``exp(total_c) <S_c, G_c>`` (the decay term of d acum_last);
-3. ``_dx_dB_kernel`` (per column block j, looping over the row blocks i >= j):
+3. ``_dx_dB_kernel`` (per column block j, looping over the row blocks i >= j, or over steps of
+   fewer rows with the products formed transposed, [j, i]):
        dx_j  = w_j [sum_i (L o CB^T)_ij dY_i + e_j G B_j] + D dY_j
        dB_j  = sum over the program's heads of w_j sum_i (L o dY x^T)_ij C_i + e_j w_j G^T x_j
        ddt_j = x_j . [the bracket of dx_j],   colsum_j = sum_i M_ij,   T_j = e_j w_j x_j^T G B_j
@@ -66,8 +67,16 @@ def _reverse_pass_kernel(K_ref, dend_ref, total_ref, first_ref, index_ref, h0_re
     lax.fori_loop(0, nc, body, jnp.zeros((bp, G_ref.shape[-1]), jnp.float32))
 
 
+def _causal_decay_t(acum_j, acum_i, col0, row0, bm, bn):
+    """The transpose of ``_causal_decay``: [bm (j), bn (i)], ``exp(acum_i - acum_j)`` for
+    j <= i, else 0."""
+    j = col0 + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
+    i = row0 + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
+    return jnp.exp(jnp.where(j <= i, acum_i[None, :] - acum_j[:, None], -jnp.inf))
+
+
 def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_ref, D_ref,
-                  dx_ref, dB_ref, ddt_ref, colsum_ref, rowsum_ref, T_ref, *, q, bm, hb,
+                  dx_ref, dB_ref, ddt_ref, colsum_ref, rowsum_ref, T_ref, *, q, bm, bn, hb,
                   heads_per_group, fp32, d_per_channel):
     hk, jb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = G_ref.shape[1]
@@ -102,13 +111,29 @@ def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_r
             rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bm, bm)] = jnp.sum(M, axis=1)
             return dx_acc, dB_acc, colsum + jnp.sum(M, axis=0)
 
+        def row_step(ib, carry):  # bn < bm rows a step, products formed as [j, i] tiles
+            dx_acc, dB_acc, colsum = carry
+            rows = pl.ds(ci * q + ib * bn, bn)
+            Ci, dYi = C_ref[bi, rows, gi, :], dY_ref[bi, rows, hi, :]
+            Lt = _causal_decay_t(acum_j, acum_ref[bi, ci, hi, pl.ds(ib * bn, bn)], jb * bm,
+                                 ib * bn, bm, bn)
+            cbLt = _dot(Bj, Ci, trans_b=True, fp32=fp32) * Lt  # [bm(j), bn(i)]
+            dyxwt = _dot(xj, dYi, trans_b=True, fp32=fp32) * w_j[:, None]
+            dx_acc = dx_acc + _dot(cbLt.astype(dtype), dYi, fp32=fp32)
+            dB_acc = dB_acc + _dot((dyxwt * Lt).astype(dtype), Ci, fp32=fp32)
+            Mt = cbLt * dyxwt
+            rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bn, bn)] = jnp.sum(Mt, axis=0)
+            return dx_acc, dB_acc, colsum + jnp.sum(Mt, axis=1)
+
         def no_rows(ib, carry):  # rows above this column block: no M entries
-            rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bm, bm)] = jnp.zeros((bm,), jnp.float32)
+            rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bn, bn)] = jnp.zeros((bn,), jnp.float32)
             return carry
 
-        lax.fori_loop(0, jb, no_rows, 0)
+        steps = bm // bn  # row steps per row block
+        lax.fori_loop(0, jb * steps, no_rows, 0)
         init = (dx_state, dB_acc + dB_state, jnp.zeros((bm,), jnp.float32))
-        dx_acc, dB_acc, colsum = lax.fori_loop(jb, q // bm, row_block, init)
+        dx_acc, dB_acc, colsum = lax.fori_loop(jb * steps, q // bn,
+                                               row_block if bn == bm else row_step, init)
         xf = xj.astype(jnp.float32)
         d = D_ref[hi, :][None, :] if d_per_channel else D_ref[hi]
         dx = dx_acc * w_j[:, None] + dY_ref[bi, cols, hi, :].astype(jnp.float32) * d
@@ -204,16 +229,19 @@ def gradient_states(dY, C, dec, is_first, init_index, h0, end, dend, *, chunk_si
     return K, G, jnp.sum(sg, axis=-1)  # <S, G> summed over the programs' row blocks
 
 
-def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, heads=4, num_warps=4,
-          num_stages=2, interpret=False):
-    """Kernel 3: (dx, dB partials [b, c*q, h / hb, n], ddt, colsum, rowsum partials, T)."""
+def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, block_n=None, heads=4,
+          num_warps=4, num_stages=2, interpret=False):
+    """Kernel 3: (dx, dB partials [b, c*q, h / hb, n], ddt, colsum, rowsum partials, T); each
+    program steps over the rows ``block_n`` (default block_m) at a time."""
     rows, L, h, p = x.shape
     g, n = B.shape[-2:]
     q, bm = chunk_size, min(block_m, chunk_size)
+    bn = bm if block_n is None else min(block_n, bm)
     hb = heads_per_program(h, g, heads)
     per_token = jax.ShapeDtypeStruct((rows, L // q, h, q), jnp.float32)
-    kernel = functools.partial(_dx_dB_kernel, q=q, bm=bm, hb=hb, heads_per_group=h // g,
-                               fp32=x.dtype == jnp.float32, d_per_channel=D.ndim == 2)
+    kernel = functools.partial(_dx_dB_kernel, q=q, bm=bm, bn=bn, hb=hb,
+                               heads_per_group=h // g, fp32=x.dtype == jnp.float32,
+                               d_per_channel=D.ndim == 2)
     return launcher(interpret, num_warps, num_stages)(
         kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                            jax.ShapeDtypeStruct((rows, L, h // hb, n), jnp.float32), per_token,
@@ -242,18 +270,19 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "chunk_size", "block_m", "dc_block_n", "block_k", "heads", "pass_block_p", "num_warps",
-    "num_stages", "interpret"))
+    "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
+    "num_warps", "num_stages", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy, dend,
-                         *, chunk_size: int, block_m: int = 64, dc_block_n: int | None = None,
-                         block_k: int = 32, heads: int = 4, pass_block_p: int | None = None,
+                         *, chunk_size: int, block_m: int = 64, dx_block_n: int | None = None,
+                         dc_block_n: int | None = None, block_k: int = 32, heads: int = 4, pass_block_p: int | None = None,
                          num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p] and ``dend`` [b, c, h, p, n].
-    ``heads``: at most this many heads of one group per dx/dB and dC program; ``dc_block_n``:
-    columns per step of the dC kernel (None: block_m); ``pass_block_p``: head-dim rows per
+    ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
+    ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
+    (None: block_m); ``pass_block_p``: head-dim rows per
     program of the reverse state pass (None: all p).
     """
     rows, L, h, _ = x.shape
@@ -269,7 +298,8 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     dY = dY.astype(x.dtype)
     K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dend, chunk_size=q,
                                block_k=block_k, pass_block_p=pass_block_p, **launch)
-    dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, **blocks)
+    dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, block_n=dx_block_n,
+                                           **blocks)
     dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, block_n=dc_block_n,
                             **blocks)
 
