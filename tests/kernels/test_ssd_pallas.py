@@ -274,7 +274,8 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel,g,blocks", [
-    (False, False, 1, {}), (True, True, 8, {}), (False, True, 1, dict(pass_block_p=8, dx_block_n=32, dc_block_n=32))])
+    (False, False, 1, {}), (True, True, 8, {}),
+    (False, True, 1, dict(pass_block_p=8, dx_block_n=32, dc_block_n=32))])
 def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g, blocks):
     b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
     S = jax.ShapeDtypeStruct

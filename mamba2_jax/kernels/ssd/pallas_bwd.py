@@ -274,8 +274,9 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
     "num_warps", "num_stages", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy, dend,
                          *, chunk_size: int, block_m: int = 64, dx_block_n: int | None = None,
-                         dc_block_n: int | None = None, block_k: int = 32, heads: int = 4, pass_block_p: int | None = None,
-                         num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+                         dc_block_n: int | None = None, block_k: int = 32, heads: int = 4,
+                         pass_block_p: int | None = None, num_warps: int = 4,
+                         num_stages: int = 1, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
