@@ -263,7 +263,8 @@ def _lowering_args(dtype, with_z, d_per_channel, b=1, l=1024, h=8, p=64, g=1, n=
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel,blocks", [
-    (False, False, {}), (True, True, {}), (True, False, dict(pass_block_p=16))])
+    (False, False, {}), (True, True, {}),
+    (True, False, dict(pass_block_p=8, block_n=32))])  # the steps SSDKernelConfig defaults to
 def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
     """Cross-lower at real sizes: Triton lowering errors (shapes, primitives) fail on CPU."""
     args = _lowering_args(dtype, with_z, d_per_channel)
