@@ -90,10 +90,10 @@ def pallas_unsupported(x, B, chunk_size: int) -> str | None:
 def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
     return dict(
         chunk_size=cfg.chunk_size, block_m=min(cfg.block_m, cfg.chunk_size),
-        block_n=None if cfg.block_n is None else min(cfg.block_n, cfg.block_m, cfg.chunk_size),
+        block_n=cfg.block_n,  # the kernels clamp steps to their blocks
         block_k=min(cfg.block_k, cfg.chunk_size),
         block_p=None if cfg.block_p is None else min(cfg.block_p, p),
-        pass_block_p=None if cfg.pass_block_p is None else min(cfg.pass_block_p, p),
+        pass_block_p=cfg.pass_block_p,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, two_pass=cfg.two_pass,
         row_blocks=cfg.row_blocks, interpret=cfg.interpret)
 

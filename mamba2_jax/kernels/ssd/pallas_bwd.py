@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state, chunk_decays,
-                                              launcher, local_states, operand_dtype)
+                                              launcher, local_states, operand_dtype, step_size)
 
 
 def _reverse_pass_kernel(K_ref, dend_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,
@@ -219,7 +219,7 @@ def gradient_states(dY, C, dec, is_first, init_index, h0, end, dend, *, chunk_si
     ``pass_block_p`` head-dim rows per program of the reverse pass (None: all p)."""
     rows, L, h, p = dY.shape
     n = C.shape[-1]
-    pp = p if pass_block_p is None else min(pass_block_p, p)
+    pp = step_size(pass_block_p, p)
     K = local_states(dY, C, jnp.exp(dec.acum), chunk_size=chunk_size, block_k=block_k,
                      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     states = jax.ShapeDtypeStruct((rows, L // chunk_size, h, p, n), jnp.float32)
@@ -231,15 +231,21 @@ def gradient_states(dY, C, dec, is_first, init_index, h0, end, dend, *, chunk_si
     return K, G, jnp.sum(sg, axis=-1)  # <S, G> summed over the programs' row blocks
 
 
+def _blocks(x, B, chunk_size, block_m, block_n, heads):
+    """(rows, L, h, g, n, bm, bn, hb) of a dx/dB or dC launch: the block and its step clamped
+    to the chunk, the heads per program."""
+    rows, L, h, _ = x.shape
+    g, n = B.shape[-2:]
+    bm = min(block_m, chunk_size)
+    return rows, L, h, g, n, bm, step_size(block_n, bm), heads_per_program(h, g, heads)
+
+
 def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, block_n=None, heads=4,
           num_warps=4, num_stages=2, interpret=False):
     """Kernel 3: (dx, dB partials [b, c*q, h / hb, n], ddt, colsum, rowsum partials, T); each
     program steps over the rows ``block_n`` (default block_m) at a time."""
-    rows, L, h, p = x.shape
-    g, n = B.shape[-2:]
-    q, bm = chunk_size, min(block_m, chunk_size)
-    bn = bm if block_n is None else min(block_n, bm)
-    hb = heads_per_program(h, g, heads)
+    rows, L, h, g, n, bm, bn, hb = _blocks(x, B, chunk_size, block_m, block_n, heads)
+    q = chunk_size
     per_token = jax.ShapeDtypeStruct((rows, L // q, h, q), jnp.float32)
     kernel = functools.partial(_dx_dB_kernel, q=q, bm=bm, bn=bn, hb=hb,
                                heads_per_group=h // g, fp32=x.dtype == jnp.float32,
@@ -257,11 +263,8 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
                 block_n=None, heads=4, num_warps=4, num_stages=2, interpret=False):
     """Kernel 4: (dC partials [b, c*q, h / hb, n], dY_i . y_inter_i [b, c, h, q]); each
     program steps over the columns ``block_n`` (default block_m) at a time."""
-    rows, L, h, p = x.shape
-    g, n = B.shape[-2:]
-    q, bm = chunk_size, min(block_m, chunk_size)
-    bn = bm if block_n is None else min(block_n, bm)
-    hb = heads_per_program(h, g, heads)
+    rows, L, h, g, n, bm, bn, hb = _blocks(x, B, chunk_size, block_m, block_n, heads)
+    q = chunk_size
     kernel = functools.partial(_dC_kernel, q=q, bm=bm, bn=bn, hb=hb, heads_per_group=h // g,
                                fp32=x.dtype == jnp.float32)
     return launcher(interpret, num_warps, num_stages)(
@@ -285,8 +288,8 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p] and ``dend`` [b, c, h, p, n].
     ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
     ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
-    (None: block_m); ``pass_block_p``: head-dim rows per
-    program of the reverse state pass (None: all p).
+    (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
+    (None: all p).
     """
     rows, L, h, _ = x.shape
     g, n = B.shape[-2:]

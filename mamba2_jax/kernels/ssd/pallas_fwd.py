@@ -38,6 +38,11 @@ def operand_dtype(dtype):
     return jnp.float32 if dtype == jnp.float16 else dtype
 
 
+def step_size(size, whole: int) -> int:
+    """A block or step size clamped to what it divides: ``whole`` when ``size`` is None."""
+    return whole if size is None else min(size, whole)
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False, fp32=False):
     """A 2-D matmul with float32 accumulation; operands of two dtypes are both taken in float32
     (at HIGHEST precision, as are float32 operands when ``fp32``)."""
@@ -226,7 +231,7 @@ def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, blo
         return launcher(**launch)(kernel, out_shape=states, grid=(b, h, p // bp),
                                   name="ssd_state_passing")(x, B, w, dec.total, first, index, h0)
     loc = local_states(x, B, w, chunk_size=q, block_k=block_k, block_p=block_p, **launch)
-    pp = p if pass_block_p is None else min(pass_block_p, p)
+    pp = step_size(pass_block_p, p)
     return launcher(**launch)(functools.partial(_pass_kernel, bp=pp), out_shape=states,
                               grid=(b, h, p // pp), name="ssd_state_passing")(
         loc, dec.total, first, index, h0)
@@ -243,7 +248,7 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
     g = B.shape[-2]
     q = chunk_size
     bm = min(block_m, q)
-    bn = bm if block_n is None else min(block_n, bm)
+    bn = step_size(block_n, bm)
     row_blocks = min(row_blocks, q // bm)
     has_z = z is not None
     kernel = functools.partial(
