@@ -200,8 +200,10 @@ def grad_errors(grad_ours, theirs_fwd_bwd, leaves, args, q, dy):
     ours = grad_ours(*args)
     theirs_fwd_bwd()
     theirs = [jnp.from_dlpack(t.grad.contiguous()) for t in leaves]
-    rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
-                             / jnp.linalg.norm(b.astype(jnp.float32).ravel()))
+    def rel(a, b):
+        a, b = a.astype(jnp.float32).ravel(), b.astype(jnp.float32).ravel()
+        return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
     names = ("x", "dt", "A", "B", "C", "D", "dt_bias")
     return dict(ours={k: rel(a, w) for k, a, w in zip(names, ours, want)},
                 mamba_ssm={k: rel(a, w) for k, a, w in zip(names, theirs, want)})
@@ -222,7 +224,8 @@ def markdown_table(result):
         lines.append(
             f"| {shape} | {_fmt(r['mamba_ssm_fwd_ms'])} ({_fmt(r.get('mamba_ssm_fwd_graph_ms'))}) | "
             f"{_fmt(r['ours_fwd_ms'])} | {_fmt(r['ratio_fwd'], '.2f')} | "
-            f"{_fmt(r['ours_fraction_of_roofline'], '.0%')} | {_fmt(r.get('mamba_ssm_fwd_bwd_ms'))} "
+            f"{_fmt(r['ours_fraction_of_roofline'], '.0%')} | "
+            f"{_fmt(r.get('mamba_ssm_fwd_bwd_ms'))} "
             f"({_fmt(r.get('mamba_ssm_fwd_bwd_graph_ms'))}) | "
             f"{_fmt(r.get('ours_fwd_bwd_ms'))} | {_fmt(r.get('ratio_fwd_bwd'), '.2f')} "
             f"({_fmt(r.get('ratio_fwd_bwd_vs_graph'), '.2f')}) | "
@@ -398,7 +401,8 @@ def main():
             row["mamba_ssm_fwd_bwd_graph_ms"] = timeit(lambda: graph.replay(), tsync, iters=5,
                                                        reps=5)
         except Exception as e:
-            row["mamba_ssm_fwd_bwd_graph_ms"] = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+            row["mamba_ssm_fwd_bwd_graph_ms"] = (f"capture failed: {type(e).__name__}: "
+                                                 f"{str(e)[:120]}")
         if args.grad_check and shape == picked[0]:
             row["grad_rel_err_vs_xla_fp32"] = grad_errors(
                 grad_fn, theirs_fwd_bwd, leaves, (x, dt, A, B, C, D, bias), q, dy)
