@@ -200,6 +200,7 @@ def grad_errors(grad_ours, theirs_fwd_bwd, leaves, args, q, dy):
     ours = grad_ours(*args)
     theirs_fwd_bwd()
     theirs = [jnp.from_dlpack(t.grad.contiguous()) for t in leaves]
+
     def rel(a, b):
         a, b = a.astype(jnp.float32).ravel(), b.astype(jnp.float32).ravel()
         return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
