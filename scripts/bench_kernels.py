@@ -66,8 +66,11 @@ def cuda_graph(torch, fn):
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: CUDA calls from other threads (JAX's) must not invalidate the capture (a
+    # global-mode capture failed once that way, and left torch's CUDA generator unusable)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph
 
@@ -107,7 +110,7 @@ def dense_layout(x, B, q):
     return first, index, jnp.zeros((b, h, p, B.shape[-1]), jnp.float32)
 
 
-def breakdown(cfg, x, dt, A, B, C, D, bias, sync):
+def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
     """Time each stage of our forward alone (same inputs, same timer)."""
     import jax
 
@@ -116,16 +119,18 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync):
 
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
     prologue = jax.jit(lambda dt, bias: k.chunk_decays(process_dt(dt, bias, True), A, q))
     dec = prologue(dt, bias)
-    states = jax.jit(lambda x, B, dec: k.chunk_states(
-        x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k,
-        block_p=cfg.block_p, pass_block_p=cfg.pass_block_p, two_pass=cfg.two_pass, **launch))
-    end = states(x, B, dec)
+    states = jax.jit(lambda x, B, dec: k.chunk_states(  # the inference path's state copy
+        x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k, block_p=cfg.block_p,
+        pass_block_p=cfg.pass_block_p, full_states=cfg.chunk_states, **launch))
+    end, _ = states(x, B, dec)
+    out_launch = dict(launch, num_warps=cfg.out_num_warps or cfg.num_warps,
+                      num_stages=cfg.out_num_stages or cfg.num_stages)
     outputs = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
         x, B, C, dec, first, index, h0, end, D, None, chunk_size=q, block_m=cfg.block_m,
-        row_blocks=cfg.row_blocks, block_n=cfg.block_n, **launch))
+        row_blocks=cfg.row_blocks, block_n=cfg.block_n, **out_launch))
     return dict(
         prologue=timeit(lambda: prologue(dt, bias), sync),
         states=timeit(lambda: states(x, B, dec), sync),
@@ -145,8 +150,8 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
-    _, end = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index, chunk_size=q,
-                                    interpret=interpret)
+    _, end, _ = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
+                                       chunk_size=q, interpret=interpret)
     dend = jnp.zeros_like(end)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
@@ -171,15 +176,17 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
         dC=timeit(lambda: dc(dy, dec, end), sync))
 
 
-def backward_fields(spec: str) -> dict:
-    """``bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages[:bwd_dx_block_n[:bwd_dc_block_n]]``
-    -> config fields (the step sizes 0: None)."""
-    names = ("bwd_block_m", "bwd_heads", "bwd_num_warps", "bwd_num_stages", "bwd_dx_block_n",
-             "bwd_dc_block_n")
-    fields = dict(zip(names, (int(v) for v in spec.split(":"))))
-    for name in names[4:]:
-        if name in fields:
-            fields[name] = fields[name] or None
+def config_fields(spec: str) -> dict:
+    """``"default"`` or ``"field=value,field=value"`` -> SSDKernelConfig overrides (values: ints,
+    ``none``, or strings)."""
+    if spec.strip() in ("", "default"):
+        return {}
+    fields = {}
+    for item in spec.split(","):
+        name, value = item.split("=")
+        value = value.strip()
+        fields[name.strip()] = (None if value.lower() == "none" else
+                                int(value) if value.lstrip("-").isdigit() else value)
     return fields
 
 
@@ -260,14 +267,12 @@ def main():
     ap.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
     ap.add_argument("--no-bwd", action="store_true", help="skip forward+backward timings")
     ap.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,1")
-    ap.add_argument("--configs", default="64:32:64:4:3:1:4:8:32",
-                    help="our forward configs to try: block_m:block_k:block_p:warps:stages:"
-                         "two_pass:row_blocks[:pass_block_p[:block_n]],... "
-                         "(pass_block_p / block_n 0: None; left out: the default)")
-    ap.add_argument("--bwd-configs", default="64:4:4:1",
-                    help="our backward configs to try (with the best forward): "
-                         "bwd_block_m:bwd_heads:bwd_num_warps:bwd_num_stages"
-                         "[:bwd_dx_block_n[:bwd_dc_block_n]],... (step sizes 0: None)")
+    ap.add_argument("--configs", default="default",
+                    help="our forward configs to try, ';'-separated, each 'default' or "
+                         "SSDKernelConfig overrides 'field=value,...' (e.g. block_n=64,out_num_warps=8)")
+    ap.add_argument("--bwd-configs", default="default",
+                    help="our backward configs to try with the best forward, as --configs "
+                         "(e.g. bwd_dx_block_n=32,bwd_dc_block_n=32)")
     ap.add_argument("--grad-check", action="store_true",
                     help="on the first shape, compare ours' and mamba_ssm's bf16 gradients with "
                          "the XLA reference's (float32 arithmetic)")
@@ -288,9 +293,7 @@ def main():
     print(f"{device}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
     jsync = lambda out: jax.block_until_ready(out) if out is not None else None
     tsync = lambda _: torch.cuda.synchronize()
-    fields = ("block_m", "block_k", "block_p", "num_warps", "num_stages", "two_pass",
-              "row_blocks", "pass_block_p", "block_n")
-    configs = [dict(zip(fields, (int(v) for v in c.split(":")))) for c in args.configs.split(",")]
+    configs = args.configs.split(";")
 
     rows = []
     picked = SHAPES[:1] if args.quick else SHAPES
@@ -327,11 +330,8 @@ def main():
         except Exception as e:
             row["mamba_ssm_fwd_graph_ms"] = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
         best = None
-        for conf in configs:
-            name = ":".join(str(v) for v in conf.values())
-            conf = {k: bool(v) if k == "two_pass" else (
-                v or None) if k in ("pass_block_p", "block_n") else v for k, v in conf.items()}
-            cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, **conf)
+        for name in configs:
+            cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, **config_fields(name))
             try:
                 fn = ours_with(cfg)
                 ms = timeit(fn, jsync)
@@ -367,8 +367,8 @@ def main():
             return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
         best_bwd = None
-        for spec in args.bwd_configs.split(","):
-            bcfg = dataclasses.replace(cfg, **backward_fields(spec))
+        for spec in args.bwd_configs.split(";"):
+            bcfg = dataclasses.replace(cfg, **config_fields(spec))
             grad_fn = jax.jit(jax.grad(functools.partial(loss, bcfg), argnums=tuple(range(7))))
             try:
                 ms = timeit(lambda: grad_fn(x, dt, A, B, C, D, bias), jsync, iters=5, reps=5)
@@ -379,7 +379,7 @@ def main():
             if best_bwd is None or ms < best_bwd[0]:
                 best_bwd = (ms, spec, grad_fn)
         row["ours_fwd_bwd_ms"], row["ours_bwd_config"], grad_fn = best_bwd
-        bcfg = dataclasses.replace(cfg, **backward_fields(row["ours_bwd_config"]))
+        bcfg = dataclasses.replace(cfg, **config_fields(row["ours_bwd_config"]))
         try:
             row["ours_bwd_breakdown_ms"] = backward_breakdown(bcfg, x, dt, A, B, C, D, bias, dy,
                                                               jsync)

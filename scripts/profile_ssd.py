@@ -5,10 +5,12 @@
 
 Ours: ``jax.profiler.trace`` around ``iters`` calls of the jitted forward and of forward +
 backward, read back with ``jax.profiler.ProfileData``: every kernel event on the GPU's stream
-lines, summed by name and divided by ``iters``. mamba_ssm: ``torch.profiler`` around the same
-number of calls of ``mamba_chunk_scan_combined`` (forward, forward + autograd backward), kernel
-device times by name. One side per process (both profilers use CUPTI). Same inputs as
-``bench_kernels.py``. Writes ``profile_ssd_<side>_<device>.json`` and prints the kernels.
+lines, summed by name and divided by ``iters``, and the device span of a call (first kernel
+start to last kernel end: kernel time plus the gaps between kernels). mamba_ssm:
+``torch.profiler`` around the same number of calls of ``mamba_chunk_scan_combined`` (forward,
+forward + autograd backward), kernel device times by name. One side per process (both
+profilers use CUPTI). Same inputs as ``bench_kernels.py``. Writes
+``profile_ssd_<side>_<device>.json`` and prints the kernels.
 (Nsight Compute was tried first: the profiled JAX process segfaulted while compiling.)
 """
 
@@ -53,12 +55,14 @@ def kernel_table(totals_ns: dict, iters: int):
                 kernels=[dict(name=name[:160], us=us) for name, us in rows])
 
 
-def device_kernels(trace_dir: str) -> dict:
-    """Kernel name -> summed duration (ns) over the GPU planes' stream lines of a trace (if
-    no line is named as a stream, every line's events, keyed "line: event")."""
+def device_kernels(trace_dir: str) -> tuple[dict, list]:
+    """(kernel name -> summed duration (ns), [(start, end) ns of every kernel]) over the GPU
+    planes' stream lines of a trace (if no line is named as a stream, every line's events,
+    keyed "line: event")."""
     from jax.profiler import ProfileData
 
     streams, every = collections.Counter(), collections.Counter()
+    spans, every_spans = [], []
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         for plane in ProfileData.from_file(path).planes:
             if not plane.name.startswith("/device:GPU"):
@@ -66,9 +70,23 @@ def device_kernels(trace_dir: str) -> dict:
             for line in plane.lines:
                 for event in line.events:
                     every[f"{line.name}: {event.name}"] += event.duration_ns
+                    every_spans.append((event.start_ns, event.end_ns))
                     if line.name.lower().startswith("stream"):
                         streams[event.name] += event.duration_ns
-    return streams or every
+                        spans.append((event.start_ns, event.end_ns))
+    return (streams, spans) if streams else (every, every_spans)
+
+
+def device_span_us(spans: list, iters: int) -> float:
+    """Median over the calls of first kernel start to last kernel end (us): the calls ran one
+    at a time (each waited for), so the kernels sorted by start split into ``iters`` equal
+    groups."""
+    spans = sorted(spans)
+    k = len(spans) // iters
+    if not k or len(spans) % iters:
+        return float("nan")
+    groups = [spans[i * k:(i + 1) * k] for i in range(iters)]
+    return sorted((max(e for _, e in g) - g[0][0]) / 1e3 for g in groups)[iters // 2]
 
 
 def profile_ours(shape, config: dict, iters: int):
@@ -96,7 +114,8 @@ def profile_ours(shape, config: dict, iters: int):
         with jax.profiler.trace(trace_dir):
             for _ in range(iters):
                 jax.block_until_ready(fn(x, dt, A, B, C, D, bias))
-        out[name] = kernel_table(device_kernels(trace_dir), iters)
+        totals, spans = device_kernels(trace_dir)
+        out[name] = dict(kernel_table(totals, iters), span_us=device_span_us(spans, iters))
     return out
 
 
@@ -172,7 +191,8 @@ def main():
         (out / name).write_text(json.dumps(result, indent=2))
         print(f"{args.side} {shape}")
         for call, table in calls.items():
-            print(f"  {call}: {table['total_us']:.1f} us of kernels per call")
+            print(f"  {call}: {table['total_us']:.1f} us of kernels per call, first kernel start "
+                  f"to last kernel end {table.get('span_us', float('nan')):.1f} us")
             for k in table["kernels"][:12]:
                 print(f"    {k['us']:9.1f} us  {k['name'][:90]}")
 

@@ -97,7 +97,8 @@ def ssd_chunk_scan(
         reason = pallas_unsupported(x, B, chunk_size)
         if reason is None:
             cfg = SSDKernelConfig(chunk_size=chunk_size, dt_softplus=dt_softplus,
-                                  dt_limit=dt_limit, interpret=interpret)
+                                  dt_limit=dt_limit, chunk_states=return_chunk_states,
+                                  interpret=interpret)
             y, final, chunks = ssd_pallas(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states,
                                           cu_seqlens)
             out = (y,) + ((final,) if return_final_states else ()) + (

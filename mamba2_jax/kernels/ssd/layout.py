@@ -102,6 +102,15 @@ class ChunkPlan:
         has_chunks = (first[1:] > first[:-1]).reshape((-1,) + (1,) * (h0.ndim - 1))
         return jnp.where(has_chunks, end[0][jnp.maximum(first[1:] - 1, 0)], h0)
 
+    def final_from_kernel(self, final, h0):
+        """The final states as the Pallas state pass writes them (``final [m, ...]``, rows of
+        sequences without a chunk unwritten): h0 for those."""
+        if not self.packed:
+            return final if self.l else h0
+        first = self.varlen.first_chunk
+        has_chunks = (first[1:] > first[:-1]).reshape((-1,) + (1,) * (h0.ndim - 1))
+        return jnp.where(has_chunks, final, h0)
+
     def chunk_states(self, end):
         """Per-chunk end states, zeroed past the real chunks of a packed batch."""
         if not self.packed:

@@ -35,14 +35,16 @@ class SSDKernelConfig:
     block_n: int | None = 32  # columns per step of the output kernel (None: block_m; H200: 32)
     block_k: int = 32  # tokens per step when accumulating a chunk's state
     block_p: int | None = None  # head-dim columns per program of the state kernels (None: all)
-    pass_block_p: int | None = 8  # head-dim rows per program of both state passes (None: all p)
+    pass_block_p: int | None = 4  # head-dim rows per program of both state passes (None: all p)
     row_blocks: int = 4  # row blocks per program of the output kernel (4: a 256-chunk each)
     num_warps: int = 4
     num_stages: int = 3
-    two_pass: bool = True  # chunk states in parallel, then a light sequential pass
+    out_num_warps: int | None = None  # the output kernel's launch (None: num_warps)
+    out_num_stages: int | None = None  # (None: num_stages)
+    chunk_states: bool = False  # also return the float32 state after every chunk
     backward: str = "pallas"  # "pallas" kernels, or "xla": jax.vjp of the reference (fallback)
     bwd_block_m: int = 64  # rows / columns per block of the backward kernels
-    bwd_dx_block_n: int | None = None  # rows per step of the dx/dB kernel (None: bwd_block_m)
+    bwd_dx_block_n: int | None = 32  # rows per step of the dx/dB kernel (None: bwd_block_m)
     bwd_dc_block_n: int | None = None  # columns per step of the dC kernel (None: bwd_block_m)
     bwd_heads: int = 4  # at most this many heads (of one group) per dx/dB and dC program
     bwd_num_warps: int = 4
@@ -61,8 +63,9 @@ class SSDKernelConfig:
             if check_pow2(name, getattr(self, name), op="SSDKernelConfig") < 16:
                 raise ValueError(f"SSDKernelConfig: {name} must be >= 16, got "
                                  f"{getattr(self, name)}")
-        for name in ("row_blocks", "num_warps", "bwd_num_warps") + (
-                ("pass_block_p",) if self.pass_block_p is not None else ()):  # no dots: any pow2
+        for name in ("row_blocks", "num_warps", "bwd_num_warps") + tuple(
+                v for v in ("pass_block_p", "out_num_warps")  # no dots: any power of two
+                if getattr(self, v) is not None):
             check_pow2(name, getattr(self, name), op="SSDKernelConfig")
         if not (isinstance(self.bwd_heads, int) and self.bwd_heads >= 1):
             raise ValueError(f"SSDKernelConfig: bwd_heads must be a positive int, got "
@@ -94,29 +97,45 @@ def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
         block_k=min(cfg.block_k, cfg.chunk_size),
         block_p=None if cfg.block_p is None else min(cfg.block_p, p),
         pass_block_p=cfg.pass_block_p,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, two_pass=cfg.two_pass,
-        row_blocks=cfg.row_blocks, interpret=cfg.interpret)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, out_num_warps=cfg.out_num_warps,
+        out_num_stages=cfg.out_num_stages, row_blocks=cfg.row_blocks, interpret=cfg.interpret)
 
 
 def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
-    return ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
-                               **_forward_kwargs(cfg, x.shape[-1]))
+    # Without a gradient the output kernel is the only reader of every chunk's state: unless
+    # they are returned, the pass writes them in the operand dtype (the kernel rounds them to it).
+    y, end, final = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
+                                        full_states=cfg.chunk_states,
+                                        **_forward_kwargs(cfg, x.shape[-1]))
+    return y, final, end if cfg.chunk_states else None
 
 
 def _core_fwd(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
     kw = _forward_kwargs(cfg, x.shape[-1])
     if z is None:
-        (y, end), pre = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
-                                            **kw), None
+        (y, end, final), pre = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first,
+                                                   init_index, **kw), None
     else:  # the output before the gate: dz needs it
-        y, end, pre = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
-                                          return_pre_gate=True, **kw)
-    return (y, end), (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end)
+        y, end, final, pre = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first,
+                                                 init_index, return_pre_gate=True, **kw)
+    out = (y, final, end if cfg.chunk_states else None)
+    return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end)
+
+
+def _final_state_cotangent(dfinal, init_index):
+    """The cotangent of the final states moved to the chunk that wrote each one (see
+    ``_pass_kernel``): [rows, c, h, p, n]."""
+    nxt = jnp.concatenate([init_index[:, 1:], jnp.full_like(init_index[:, :1], -1)], axis=1)
+    last = (nxt != init_index)[..., None, None, None]
+    return jnp.where(last, dfinal[init_index], 0.0)
 
 
 def _core_bwd(cfg, res, cotangents):
     x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end = res
-    dy, dend = cotangents
+    dy, dfinal, dchunks = cotangents
+    dend = _final_state_cotangent(dfinal, init_index)
+    if dchunks is not None:
+        dend = dend + dchunks
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
         x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dend,
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
@@ -126,8 +145,8 @@ def _core_bwd(cfg, res, cotangents):
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 
 
-# _core(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index) -> (y, end states) on the chunk
-# layout, forward and backward through the Pallas kernels.
+# _core(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index) -> (y, final states, every chunk's
+# end state or None) on the chunk layout, forward and backward through the Pallas kernels.
 _core = jax.custom_vjp(_core_primal, nondiff_argnums=(0,))
 _core.defvjp(_core_fwd, _core_bwd)
 
@@ -139,28 +158,31 @@ def _forward(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens
     plan = ChunkPlan(b, l, cfg.chunk_size, cu_seqlens)
     dtp = process_dt(dt, dt_bias, cfg.dt_softplus, cfg.dt_limit)
     h0f = jnp.zeros((m, h, p, n), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-    y, end = _core(
+    y, final, end = _core(
         cfg, plan.to_chunks(x), plan.to_chunks(dtp), A.astype(jnp.float32),
         plan.to_chunks(B.astype(x.dtype)), plan.to_chunks(C.astype(x.dtype)),
         jnp.zeros((h,), jnp.float32) if D is None else D.astype(jnp.float32),
         None if z is None else plan.to_chunks(z.astype(x.dtype)), h0f,
         plan.is_first.astype(jnp.int32), plan.init_index.astype(jnp.int32))
-    return plan.from_chunks(y), plan.final_states(end, h0f), plan.chunk_states(end)
+    chunks = None if end is None else plan.chunk_states(end)
+    return plan.from_chunks(y), plan.final_from_kernel(final, h0f), chunks
 
 
 def _reference(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):
-    return ssd_chunk_scan_ref(
+    out = ssd_chunk_scan_ref(
         x, dt, A, B, C, chunk_size=cfg.chunk_size, D=D, z=z, dt_bias=dt_bias,
         dt_softplus=cfg.dt_softplus, dt_limit=cfg.dt_limit, initial_states=h0,
-        cu_seqlens=cu_seqlens, return_final_states=True, return_chunk_states=True)
+        cu_seqlens=cu_seqlens, return_final_states=True, return_chunk_states=cfg.chunk_states)
+    return out if cfg.chunk_states else (*out, None)
 
 
 _with_xla_backward = with_reference_gradient(_forward, _reference)
 
 
 def ssd_pallas(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):
-    """(y, final_states, chunk_states) from the Pallas kernels; differentiable, through the
-    Pallas backward (``cfg.backward == "pallas"``) or the XLA-reference fallback ("xla")."""
+    """(y, final_states, chunk_states) from the Pallas kernels (chunk_states None unless
+    ``cfg.chunk_states``); differentiable, through the Pallas backward
+    (``cfg.backward == "pallas"``) or the XLA-reference fallback ("xla")."""
     if cfg.backward == "xla":
         return _with_xla_backward(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens)
     return _forward(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens)
