@@ -152,7 +152,7 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
     _, end, _ = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
                                        chunk_size=q, interpret=interpret)
-    dend = jnp.zeros_like(end)
+    dfinal = jnp.zeros_like(h0)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
     dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
@@ -160,18 +160,18 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
         *a, chunk_size=q, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n,
         block_k=cfg.block_k, heads=cfg.bwd_heads, pass_block_p=cfg.pass_block_p, **launch))
-    states = jax.jit(lambda dy, dec, end, dend: kb.gradient_states(
-        dy, C, dec, first, index, h0, end, dend, chunk_size=q, block_k=cfg.block_k,
+    states = jax.jit(lambda dy, dec, end, dfinal: kb.gradient_states(
+        dy, C, dec, first, index, h0, end, dfinal, chunk_size=q, block_k=cfg.block_k,
         pass_block_p=cfg.pass_block_p, **launch))
-    _, G, _ = states(dy, dec, end, dend)
+    _, G, _ = states(dy, dec, end, dfinal)
     dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D,
                                                block_n=cfg.bwd_dx_block_n, **blocks))
     dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
                                                      block_n=cfg.bwd_dc_block_n, **blocks))
     return dict(
         backward=timeit(lambda: whole(x, dtp, A, B, C, D, None, h0, first, index, None, end,
-                                      dy, dend), sync),
-        gradient_states=timeit(lambda: states(dy, dec, end, dend), sync),
+                                      dy, dfinal), sync),
+        gradient_states=timeit(lambda: states(dy, dec, end, dfinal), sync),
         dx_dB=timeit(lambda: dxdb(dy, dec, G), sync),
         dC=timeit(lambda: dc(dy, dec, end), sync))
 

@@ -304,9 +304,10 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
 def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g, blocks):
     b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
     S = jax.ShapeDtypeStruct
+    chunk_states = S((b, l // q, h, p, n), jnp.float32)
     args = _lowering_args(dtype, with_z, d_per_channel, g=g) + (
-        S((b, l, h, p), jnp.float32), S((b, l // q, h, p, n), jnp.float32),
-        S((b, l, h, p), dtype), S((b, l // q, h, p, n), jnp.float32))
+        S((b, l, h, p), jnp.float32), chunk_states, S((b, l, h, p), dtype),
+        S((b, h, p, n), jnp.float32), chunk_states if with_z else None)  # d final, d chunks
     fn = functools.partial(ssd_backward_chunked, chunk_size=q, **blocks)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # local gradient states, reverse state passing, dx/dB, dC

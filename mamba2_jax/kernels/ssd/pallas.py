@@ -122,22 +122,11 @@ def _core_fwd(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
     return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end)
 
 
-def _final_state_cotangent(dfinal, init_index):
-    """The cotangent of the final states moved to the chunk that wrote each one (see
-    ``_pass_kernel``): [rows, c, h, p, n]."""
-    nxt = jnp.concatenate([init_index[:, 1:], jnp.full_like(init_index[:, :1], -1)], axis=1)
-    last = (nxt != init_index)[..., None, None, None]
-    return jnp.where(last, dfinal[init_index], 0.0)
-
-
 def _core_bwd(cfg, res, cotangents):
     x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end = res
     dy, dfinal, dchunks = cotangents
-    dend = _final_state_cotangent(dfinal, init_index)
-    if dchunks is not None:
-        dend = dend + dchunks
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
-        x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dend,
+        x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dfinal, dchunks,
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,

@@ -13,7 +13,8 @@ cotangent of S_end, all paths summed), the kernels compute
 1. ``local_states(dY, C, exp(acum))``: ``K_c = sum_i exp(acum_i) dY_i^T C_i``, every chunk in
    parallel (the forward's chunk-state kernel with other operands);
 2. ``_reverse_pass_kernel``, sequential over chunks from the end (grid b, h, p / bp):
-   ``G_c = dend_c + [c + 1 not a first chunk] (K_{c+1} + exp(total_{c+1}) G_{c+1})``, and
+   ``G_c = dend_c + [c + 1 not a first chunk] (K_{c+1} + exp(total_{c+1}) G_{c+1})`` (dend_c:
+   the chunk state's cotangent, plus the final state's where chunk c ends a sequence), and
    ``exp(total_c) <S_c, G_c>`` (the chunk decay's part of every d a_t);
 3. ``_dx_dB_kernel`` (per column block j, looping over the rows i >= j in steps, the products
    formed transposed, [j, i]):
@@ -47,19 +48,27 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state, chunk_decays,
-                                              launcher, local_states, operand_dtype, step_size)
+from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state,
+                                              _last_of_sequence, chunk_decays, launcher,
+                                              local_states, operand_dtype, step_size)
 
 
-def _reverse_pass_kernel(K_ref, dend_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,
-                         G_ref, sg_ref, *, bp):
+def _reverse_pass_kernel(K_ref, dfinal_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,
+                         *refs, bp, with_dchunks):
+    """``refs``: (the chunk states' cotangent [b, c, h, p, n] if ``with_dchunks``), G, sg."""
+    dchunks_ref = refs[0] if with_dchunks else None
+    G_ref, sg_ref = refs[-2:]
     bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = G_ref.shape[1]
     ps = pl.ds(pb * bp, bp)
 
     def body(r, carry):
         c = nc - 1 - r
-        G = dend_ref[bi, c, hi, ps, :] + carry
+        # the final state's cotangent enters at the chunk that wrote it (see _pass_kernel)
+        G = carry + jnp.where(_last_of_sequence(index_ref, bi, c, nc),
+                              dfinal_ref[index_ref[bi, c], hi, ps, :], 0.0)
+        if with_dchunks:
+            G = G + dchunks_ref[bi, c, hi, ps, :]
         G_ref[bi, c, hi, ps, :] = G
         decay = jnp.exp(total_ref[bi, c, hi])
         S = _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, c, hi, ps)
@@ -204,21 +213,26 @@ def _first_chunk_gradient(K, G, total, is_first, init_index, m):
     return jnp.where(has, dh0, 0.0)
 
 
-def gradient_states(dY, C, dec, is_first, init_index, h0, end, dend, *, chunk_size, block_k=32,
-                    pass_block_p=None, num_warps=4, num_stages=2, interpret=False):
-    """Kernels 1 and 2: (K, G [b, c, h, p, n], exp(total) <S, G> [b, c, h]) float32;
-    ``pass_block_p`` head-dim rows per program of the reverse pass (None: all p)."""
+def gradient_states(dY, C, dec, is_first, init_index, h0, end, dfinal, dchunks=None, *,
+                    chunk_size, block_k=32, pass_block_p=None, num_warps=4, num_stages=2,
+                    interpret=False):
+    """Kernels 1 and 2: (K, G [b, c, h, p, n], exp(total) <S, G> [b, c, h]) float32, from the
+    cotangents of the final states ``dfinal [m, h, p, n]`` and (None: zero) of every chunk's
+    state ``dchunks [b, c, h, p, n]``; ``pass_block_p`` head-dim rows per program of the
+    reverse pass (None: all p)."""
     rows, L, h, p = dY.shape
     n = C.shape[-1]
     pp = step_size(pass_block_p, p)
     K = local_states(dY, C, jnp.exp(dec.acum), chunk_size=chunk_size, block_k=block_k,
                      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     states = jax.ShapeDtypeStruct((rows, L // chunk_size, h, p, n), jnp.float32)
+    with_dchunks = dchunks is not None
     G, sg = launcher(interpret, num_warps, num_stages)(
-        functools.partial(_reverse_pass_kernel, bp=pp),
+        functools.partial(_reverse_pass_kernel, bp=pp, with_dchunks=with_dchunks),
         out_shape=(states, jax.ShapeDtypeStruct(states.shape[:3] + (p // pp,), jnp.float32)),
         grid=(rows, h, p // pp), name="ssd_bwd_state_passing")(
-        K, dend.astype(jnp.float32), dec.total, is_first, init_index, h0, end)
+        K, dfinal.astype(jnp.float32), dec.total, is_first, init_index, h0, end,
+        *((dchunks.astype(jnp.float32),) if with_dchunks else ()))
     return K, G, jnp.sum(sg, axis=-1)  # <S, G> summed over the programs' row blocks
 
 
@@ -268,15 +282,16 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
     "num_warps", "num_stages", "interpret"))
-def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy, dend,
-                         *, chunk_size: int, block_m: int = 64, dx_block_n: int | None = None,
+def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy,
+                         dfinal, dchunks=None, *, chunk_size: int, block_m: int = 64, dx_block_n: int | None = None,
                          dc_block_n: int | None = None, block_k: int = 32, heads: int = 4,
                          pass_block_p: int | None = None, num_warps: int = 4,
                          num_stages: int = 1, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
-    its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p] and ``dend`` [b, c, h, p, n].
+    its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p], ``dfinal`` of the final
+    states [m, h, p, n] and ``dchunks`` of every chunk's end state [b, c, h, p, n] (None: zero).
     ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
     ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
     (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
@@ -293,7 +308,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     dec = chunk_decays(dt, A, q)
     dY, dz, dD = _gate_backward(dy, x, D, z, y_pre)
     dY = dY.astype(x.dtype)
-    K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dend, chunk_size=q,
+    K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dfinal, dchunks, chunk_size=q,
                                block_k=block_k, pass_block_p=pass_block_p, **launch)
     dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, block_n=dx_block_n,
                                            **blocks)

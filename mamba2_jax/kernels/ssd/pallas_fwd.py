@@ -74,6 +74,12 @@ def _entering_state(first_ref, index_ref, h0_ref, end_ref, bi, ci, hi, ps):
                      end_ref[bi, jnp.maximum(ci - 1, 0), hi, ps, :])
 
 
+def _last_of_sequence(index_ref, bi, c, nc):
+    """Whether chunk c ends its sequence: the row's last chunk, or one whose successor belongs
+    to another sequence (each sequence's final state is the state leaving that chunk)."""
+    return (c == nc - 1) | (index_ref[bi, jnp.minimum(c + 1, nc - 1)] != index_ref[bi, c])
+
+
 def _local_state(x_ref, B_ref, w_ref, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
     """sum_j w_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n] float32.
 
@@ -106,8 +112,7 @@ def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, fina
     """S_c = exp(total_c) S_{c-1} + loc_c (reset to h0 at first chunks); grid (b, h, p / bp).
 
     Writes S_c for every chunk (in ``end_ref``'s dtype) and ``final [m, h, p, n]``: S at the
-    last chunk of each sequence (the chunk whose successor belongs to another, or the row's
-    last chunk).
+    last chunk of each sequence (``_last_of_sequence``).
     """
     bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = end_ref.shape[1]
@@ -117,11 +122,10 @@ def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, fina
         S = jnp.where(first_ref[bi, c] != 0, h0_ref[index_ref[bi, c], hi, ps, :], S)
         S = jnp.exp(total_ref[bi, c, hi]) * S + loc_ref[bi, c, hi, ps, :]
         end_ref[bi, c, hi, ps, :] = S.astype(end_ref.dtype)
-        seq = index_ref[bi, c]
 
-        @pl.when((c == nc - 1) | (index_ref[bi, jnp.minimum(c + 1, nc - 1)] != seq))
+        @pl.when(_last_of_sequence(index_ref, bi, c, nc))
         def _():
-            final_ref[seq, hi, ps, :] = S
+            final_ref[index_ref[bi, c], hi, ps, :] = S
 
         return S
 
