@@ -146,6 +146,7 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     from mamba2_jax.kernels.common import process_dt
     from mamba2_jax.kernels.ssd import pallas_bwd as kb
     from mamba2_jax.kernels.ssd import pallas_fwd as kf
+    from mamba2_jax.kernels.ssd.pallas import backward_kwargs
 
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
@@ -156,10 +157,7 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
     dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
-    whole = jax.jit(lambda *a: kb.ssd_backward_chunked(
-        *a, chunk_size=q, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
-        dc_block_n=cfg.bwd_dc_block_n,
-        block_k=cfg.block_k, heads=cfg.bwd_heads, pass_block_p=cfg.pass_block_p, **launch))
+    whole = jax.jit(lambda *a: kb.ssd_backward_chunked(*a, **backward_kwargs(cfg)))
     states = jax.jit(lambda dy, dec, end, dfinal: kb.gradient_states(
         dy, C, dec, first, index, h0, end, dfinal, chunk_size=q, block_k=cfg.block_k,
         pass_block_p=cfg.pass_block_p, **launch))
@@ -178,15 +176,24 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
 
 def config_fields(spec: str) -> dict:
     """``"default"`` or ``"field=value,field=value"`` -> SSDKernelConfig overrides (values: ints,
-    ``none``, or strings)."""
+    ``none``, or strings); a spec that is not of that form or that SSDKernelConfig rejects
+    raises ValueError naming it."""
+    from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig
+
     if spec.strip() in ("", "default"):
         return {}
     fields = {}
     for item in spec.split(","):
-        name, value = item.split("=")
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"config {spec!r}: {item!r} is not field=value")
         value = value.strip()
         fields[name.strip()] = (None if value.lower() == "none" else
                                 int(value) if value.lstrip("-").isdigit() else value)
+    try:
+        SSDKernelConfig(chunk_size=256, **fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config {spec!r}: {e}") from None
     return fields
 
 
@@ -277,6 +284,11 @@ def main():
                     help="on the first shape, compare ours' and mamba_ssm's bf16 gradients with "
                          "the XLA reference's (float32 arithmetic)")
     args = ap.parse_args()
+    for spec in args.configs.split(";") + args.bwd_configs.split(";"):  # before any GPU work
+        try:
+            config_fields(spec)
+        except ValueError as e:
+            ap.error(str(e))
 
     import jax
     import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Per-kernel device times of the SSD chunk scan on a GPU, ours and mamba_ssm's.
 
-    python scripts/profile_ssd.py --side ours --shapes 0,3 [--config '{"block_n": 32}']
+    python scripts/profile_ssd.py --side ours --shapes 0,3 [--config block_n=32,pass_block_p=8]
     python scripts/profile_ssd.py --side mamba_ssm --peers .peers --shapes 0,3
 
 Ours: ``jax.profiler.trace`` around ``iters`` calls of the jitted forward and of forward +
@@ -28,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import SHAPES  # noqa: E402
+from bench_kernels import SHAPES, config_fields  # noqa: E402
 
 
 def torch_inputs(shape):
@@ -169,14 +169,18 @@ def main():
     ap.add_argument("--peers", default=".peers", help="folder holding mamba_ssm's Triton ops")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", default="0", help="indices into bench_kernels.SHAPES")
-    ap.add_argument("--config", default="{}", help="SSDKernelConfig overrides, as JSON (ours)")
+    ap.add_argument("--config", default="default",
+                    help="SSDKernelConfig overrides (ours), as one --configs item of bench_kernels")
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
+    try:
+        config = config_fields(args.config)
+    except ValueError as e:
+        ap.error(str(e))
 
     import jax
     import torch
 
-    config = json.loads(args.config)
     device = torch.cuda.get_device_name()
     result = dict(side=args.side, device=device, jax=jax.__version__, torch=torch.__version__,
                   config=config, iters=args.iters, shapes=[])

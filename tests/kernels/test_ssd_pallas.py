@@ -125,6 +125,26 @@ def assert_grads_close(got, want, dtype):
         assert rel(got[name], want[name]) < tol, (name, rel(got[name], want[name]))
 
 
+def pallas_and_xla_grads(loss, *args):
+    """jax.grad of ``loss(impl, *args)`` over every argument, for impl "pallas" and "xla"."""
+    return tuple(jax.jit(jax.grad(functools.partial(loss, impl), argnums=tuple(range(len(args)))))(
+        *args) for impl in ("pallas", "xla"))
+
+
+def strong_decay_grads(l, h, p, n, q):
+    """Gradients (x, dt, A, B, C) of sum(sin(y)) with dt |A| of 10-100 per token (b=1, g=1),
+    Pallas and XLA reference."""
+    v = inputs(9, 1, l, h, p, 1, n, jnp.float32)
+    dt = jnp.abs(v["dt"]) * 4.0 + 2.0
+
+    def loss(impl, x, dt, A, B, C):
+        y = ssd_chunk_scan(x, dt, A * 5, B, C, chunk_size=q, D=v["D"], impl=impl,
+                           interpret=not ON_GPU)
+        return jnp.sum(jnp.sin(y))
+
+    return pallas_and_xla_grads(loss, v["x"], dt, v["A"], v["B"], v["C"])
+
+
 @pytest.mark.parametrize("b,l,h,p,g,n,q,dtype,opts,lens", GRAD_CASES)
 def test_pallas_backward_matches_reference_gradients(b, l, h, p, g, n, q, dtype, opts, lens):
     args, w, wf, cu = case_args(b, l, h, p, g, n, dtype, opts, lens)
@@ -161,18 +181,7 @@ def test_strong_decay_gradients_of_A_keep_their_accuracy():
     """dt |A| of 10-100 per token: dA is ~1e-11 while M's diagonal terms and the chunk's last
     T terms are O(1); a d a formed as their differences loses dA entirely (it came out 0 here,
     214x too large at 64k tokens on an H200). The float32 reference matches float64 to 2e-6."""
-    b, l, h, p, g, n, q = 1, 512, 2, 16, 1, 16, 64
-    v = inputs(9, b, l, h, p, g, n, jnp.float32)
-    dt = jnp.abs(v["dt"]) * 4.0 + 2.0
-
-    def loss(impl, x, dt, A, B, C):
-        y = ssd_chunk_scan(x, dt, A * 5, B, C, chunk_size=q, D=v["D"], impl=impl,
-                           interpret=not ON_GPU)
-        return jnp.sum(jnp.sin(y))
-
-    args = (v["x"], dt, v["A"], v["B"], v["C"])
-    got = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(5))))(*args)
-    want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(5))))(*args)
+    got, want = strong_decay_grads(l=512, h=2, p=16, n=16, q=64)
     assert float(jnp.max(jnp.abs(want[2]))) < 1e-6  # the regime: a vanishing dA
     for name, a, b in zip(("x", "dt", "A", "B", "C"), got, want):
         assert rel(a, b) < (1e-3 if name == "A" else 1e-4), (name, rel(a, b))
@@ -211,8 +220,7 @@ def test_chunk_state_cotangents_reach_the_inputs():
         return jnp.sum(wc * chunks)
 
     diff = (args[0], args[1], args[2], args[3], args[4], args[5], args[8])
-    got = jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(7)))(*diff)
-    want = jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(7)))(*diff)
+    got, want = pallas_and_xla_grads(loss, *diff)
     for name, a, b in zip(("x", "dt", "A", "B", "C", "D", "h0"), got, want):
         if name in ("C", "D"):  # only y reads them, never a state: exactly zero on both paths
             assert not np.asarray(a).any() and not np.asarray(b).any()
@@ -247,8 +255,7 @@ def test_float16_gradients_keep_states_in_float32():
                            interpret=not ON_GPU)
         return jnp.sum(y.astype(jnp.float32) * weight)
 
-    got = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2)))(x, B, C)
-    want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2)))(x, B, C)
+    got, want = pallas_and_xla_grads(loss, x, B, C)
     for name, a, b in zip("xBC", got, want):
         assert np.isfinite(np.asarray(b, np.float32)).all(), name  # representable in fp16
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
@@ -371,17 +378,7 @@ def test_gpu_backward_real_sizes(b, l, h, p, g, n, q, lens):
 @gpu
 @pytest.mark.gpu
 def test_gpu_64k_tokens_strong_decay_gradients_are_finite():
-    b, l, h, p, g, n, q = 1, 65536, 8, 64, 1, 128, 256
-    v = inputs(9, b, l, h, p, g, n, jnp.float32)
-    dt = jnp.abs(v["dt"]) * 4.0 + 2.0
-
-    def loss(impl, x, dt, A, B, C):
-        y = ssd_chunk_scan(x, dt, A * 5, B, C, chunk_size=q, D=v["D"], impl=impl)
-        return jnp.sum(jnp.sin(y))
-
-    args = (v["x"], dt, v["A"], v["B"], v["C"])
-    got = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=tuple(range(5))))(*args)
-    want = jax.jit(jax.grad(functools.partial(loss, "xla"), argnums=tuple(range(5))))(*args)
+    got, want = strong_decay_grads(l=65536, h=8, p=64, n=128, q=256)
     for name, a, b in zip(("x", "dt", "A", "B", "C"), got, want):
         assert np.isfinite(np.asarray(a)).all(), name
         # dA sums dt d a over 64k tokens where it nearly vanishes (H200: 1.2e-4 from the fp32

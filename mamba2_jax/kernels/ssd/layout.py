@@ -97,14 +97,13 @@ class ChunkPlan:
     def final_states(self, end, h0):
         """State after each sequence from the per-chunk end states ``[rows, c, ...]``."""
         if not self.packed:
-            return end[:, -1] if self.l else h0
-        first = self.varlen.first_chunk
-        has_chunks = (first[1:] > first[:-1]).reshape((-1,) + (1,) * (h0.ndim - 1))
-        return jnp.where(has_chunks, end[0][jnp.maximum(first[1:] - 1, 0)], h0)
+            return self.final_or_initial(end[:, -1], h0)
+        last = jnp.maximum(self.varlen.first_chunk[1:] - 1, 0)
+        return self.final_or_initial(end[0][last], h0)
 
-    def final_from_kernel(self, final, h0):
-        """The final states as the Pallas state pass writes them (``final [m, ...]``, rows of
-        sequences without a chunk unwritten): h0 for those."""
+    def final_or_initial(self, final, h0):
+        """``final [m, ...]`` (each sequence's state after its last chunk), with h0 for the
+        sequences that have no chunk (whatever ``final`` holds there)."""
         if not self.packed:
             return final if self.l else h0
         first = self.varlen.first_chunk

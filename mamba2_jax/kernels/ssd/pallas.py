@@ -101,6 +101,15 @@ def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
         out_num_stages=cfg.out_num_stages, row_blocks=cfg.row_blocks, interpret=cfg.interpret)
 
 
+def backward_kwargs(cfg: SSDKernelConfig) -> dict:
+    """The keyword arguments of ``ssd_backward_chunked`` that ``cfg`` sets."""
+    return dict(
+        chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
+        dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
+        pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,
+        num_stages=cfg.bwd_num_stages, interpret=cfg.interpret)
+
+
 def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
     # Without a gradient the output kernel is the only reader of every chunk's state: unless
     # they are returned, the pass writes them in the operand dtype (the kernel rounds them to it).
@@ -127,10 +136,7 @@ def _core_bwd(cfg, res, cotangents):
     dy, dfinal, dchunks = cotangents
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
         x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dfinal, dchunks,
-        chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
-        dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
-        pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,
-        num_stages=cfg.bwd_num_stages, interpret=cfg.interpret)
+        **backward_kwargs(cfg))
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 
 
@@ -154,7 +160,7 @@ def _forward(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens
         None if z is None else plan.to_chunks(z.astype(x.dtype)), h0f,
         plan.is_first.astype(jnp.int32), plan.init_index.astype(jnp.int32))
     chunks = None if end is None else plan.chunk_states(end)
-    return plan.from_chunks(y), plan.final_from_kernel(final, h0f), chunks
+    return plan.from_chunks(y), plan.final_or_initial(final, h0f), chunks
 
 
 def _reference(cfg, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens):

@@ -78,14 +78,6 @@ def _reverse_pass_kernel(K_ref, dfinal_ref, total_ref, first_ref, index_ref, h0_
     lax.fori_loop(0, nc, body, jnp.zeros((bp, G_ref.shape[-1]), jnp.float32))
 
 
-def _causal_decay_t(acum_j, acum_i, col0, row0, bm, bn):
-    """The transpose of ``_causal_decay``: [bm (j), bn (i)], ``exp(acum_i - acum_j)`` for
-    j <= i, else 0."""
-    j = col0 + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
-    i = row0 + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
-    return jnp.exp(jnp.where(j <= i, acum_i[None, :] - acum_j[:, None], -jnp.inf))
-
-
 def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_ref, D_ref,
                   dx_ref, dB_ref, ddt_ref, colsum_ref, rowsum_ref, T_ref, *, q, bm, bn, hb,
                   heads_per_group, fp32, d_per_channel):
@@ -114,16 +106,17 @@ def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_r
             dx_acc, dB_acc, colsum = carry
             rows = pl.ds(ci * q + ib * bn, bn)
             Ci, dYi = C_ref[bi, rows, gi, :], dY_ref[bi, rows, hi, :]
-            Lt = _causal_decay_t(acum_j, acum_ref[bi, ci, hi, pl.ds(ib * bn, bn)], jb * bm,
-                                 ib * bn, bm, bn)
-            cbLt = _dot(Bj, Ci, trans_b=True, fp32=fp32) * Lt  # [bm(j), bn(i)]
+            # [bm (j), bn (i)] tiles: L transposed, exp(acum_i - acum_j) for j <= i, else 0
+            j = jb * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
+            i = ib * bn + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
+            acum_i = acum_ref[bi, ci, hi, pl.ds(ib * bn, bn)]
+            Lt = jnp.exp(jnp.where(j <= i, acum_i[None, :] - acum_j[:, None], -jnp.inf))
+            cbLt = _dot(Bj, Ci, trans_b=True, fp32=fp32) * Lt
             dyxwt = _dot(xj, dYi, trans_b=True, fp32=fp32) * w_j[:, None]
             dx_acc = dx_acc + _dot(cbLt.astype(dtype), dYi, fp32=fp32)
             dB_acc = dB_acc + _dot((dyxwt * Lt).astype(dtype), Ci, fp32=fp32)
             # M off its diagonal: the diagonal terms (L = 1, the largest under strong decay)
             # leave d a unchanged (they enter the row and the column sum of one token)
-            j = jb * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
-            i = ib * bn + lax.broadcasted_iota(jnp.int32, (bm, bn), 1)
             Mt = jnp.where(j < i, cbLt * dyxwt, 0.0)
             rowsum_ref[bi, ci, hi, jb, pl.ds(ib * bn, bn)] = jnp.sum(Mt, axis=0)
             return dx_acc, dB_acc, colsum + jnp.sum(Mt, axis=1)
@@ -283,8 +276,9 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
     "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
     "num_warps", "num_stages", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy,
-                         dfinal, dchunks=None, *, chunk_size: int, block_m: int = 64, dx_block_n: int | None = None,
-                         dc_block_n: int | None = None, block_k: int = 32, heads: int = 4,
+                         dfinal, dchunks=None, *, chunk_size: int, block_m: int = 64,
+                         dx_block_n: int | None = None, dc_block_n: int | None = None,
+                         block_k: int = 32, heads: int = 4,
                          pass_block_p: int | None = None, num_warps: int = 4,
                          num_stages: int = 1, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).

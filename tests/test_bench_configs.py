@@ -1,0 +1,38 @@
+"""The benchmark scripts' config syntax and device-span arithmetic (no GPU needed)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from bench_kernels import config_fields  # noqa: E402
+from profile_ssd import device_span_us  # noqa: E402
+
+
+def test_config_fields_parse_overrides():
+    assert config_fields("default") == {} and config_fields(" ") == {}
+    assert config_fields("block_n=64, pass_block_p=none,backward=xla") == dict(
+        block_n=64, pass_block_p=None, backward="xla")
+
+
+@pytest.mark.parametrize("spec,says", [("block_n", "is not field=value"),
+                                       ("block_n=64,=3", "is not field=value"),
+                                       ("block_n=24", "block_n"),
+                                       ("nosuch=1", "nosuch"),
+                                       ("backward=triton", "backward")])
+def test_config_fields_name_a_bad_spec(spec, says):
+    with pytest.raises(ValueError, match=says) as err:
+        config_fields(spec)
+    assert repr(spec) in str(err.value)
+
+
+def test_device_span_is_the_median_call_from_first_start_to_last_end():
+    # three calls of two kernels each (ns); call spans 30, 50 and 20 us
+    calls = [[(0, 10_000), (12_000, 30_000)], [(100_000, 140_000), (141_000, 150_000)],
+             [(300_000, 305_000), (306_000, 320_000)]]
+    spans = [k for call in calls for k in call][::-1]  # any order
+    assert device_span_us(spans, 3) == 30.0
+    assert math.isnan(device_span_us(spans[:5], 3))  # not one group per call
