@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,9 +33,17 @@ SHAPES = [  # b, l, h, p, g, n, chunk
 ]
 
 
-def timeit(fn, sync, *, iters=10, reps=7, warmup=2):
+def timeit(fn, sync, *, iters=None, reps=7, warmup=2, min_rep_s=0.02):
+    """Median ms per call over ``reps`` runs of ``iters`` back-to-back calls, each run ended by
+    one sync: steady-state throughput. ``iters`` None: enough calls for each run to last about
+    ``min_rep_s`` (at least 10), so the first call's launch latency (~0.2 ms for a jitted call
+    from idle, measured on the H200) is amortized alike for every side timed."""
     for _ in range(warmup):
         sync(fn())
+    if iters is None:
+        t0 = time.perf_counter()
+        sync(fn())
+        iters = max(10, math.ceil(min_rep_s / max(time.perf_counter() - t0, 1e-6)))
     times = []
     for _ in range(reps):
         sync(None)
@@ -116,11 +125,13 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
 
     from mamba2_jax.kernels.common import process_dt
     from mamba2_jax.kernels.ssd import pallas_fwd as k
+    from mamba2_jax.kernels.ssd.decays import decays_for
 
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
-    prologue = jax.jit(lambda dt, bias: k.chunk_decays(process_dt(dt, bias, True), A, q))
+    prologue = jax.jit(lambda dt, bias: decays_for(cfg.decays, process_dt(dt, bias, True), A, q,
+                                                   interpret=interpret))
     dec = prologue(dt, bias)
     states = jax.jit(lambda x, B, dec: k.chunk_states(  # the inference path's state copy
         x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k, block_p=cfg.block_p,
@@ -146,17 +157,18 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     from mamba2_jax.kernels.common import process_dt
     from mamba2_jax.kernels.ssd import pallas_bwd as kb
     from mamba2_jax.kernels.ssd import pallas_fwd as kf
+    from mamba2_jax.kernels.ssd.decays import decays_for
     from mamba2_jax.kernels.ssd.pallas import backward_kwargs
 
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
     _, end, _ = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
-                                       chunk_size=q, interpret=interpret)
+                                       chunk_size=q, decays=cfg.decays, interpret=interpret)
     dfinal = jnp.zeros_like(h0)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
-    dec = jax.jit(lambda dtp: kf.chunk_decays(dtp, A, q))(dtp)
+    dec = jax.jit(lambda dtp: decays_for(cfg.decays, dtp, A, q, interpret=interpret))(dtp)
     whole = jax.jit(lambda *a: kb.ssd_backward_chunked(*a, **backward_kwargs(cfg)))
     states = jax.jit(lambda dy, dec, end, dfinal: kb.gradient_states(
         dy, C, dec, first, index, h0, end, dfinal, chunk_size=q, block_k=cfg.block_k,
@@ -258,7 +270,7 @@ def write_results(out, device, bandwidth, matmul_rate, rows):
         op="ssd_chunk_scan", device=device, date=datetime.date.today().isoformat(),
         jax=jax.__version__, triton=triton.__version__, torch=torch.__version__,
         copy_bandwidth_Bps=bandwidth, bf16_matmul_flops=matmul_rate,
-        timer="wall clock over back-to-back calls + sync, median", rows=rows)
+        timer="wall clock over back-to-back calls + sync, median; runs of >= 20 ms (at least 10 calls) unless fixed", rows=rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = "ssd_" + device.replace(" ", "_").replace("/", "_") + ".json"
@@ -383,7 +395,7 @@ def main():
             bcfg = dataclasses.replace(cfg, **config_fields(spec))
             grad_fn = jax.jit(jax.grad(functools.partial(loss, bcfg), argnums=tuple(range(7))))
             try:
-                ms = timeit(lambda: grad_fn(x, dt, A, B, C, D, bias), jsync, iters=5, reps=5)
+                ms = timeit(lambda: grad_fn(x, dt, A, B, C, D, bias), jsync, reps=5)
             except Exception as e:
                 print(f"  backward config {spec} failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
@@ -408,11 +420,10 @@ def main():
             y.backward(tdy)
             return y
 
-        row["mamba_ssm_fwd_bwd_ms"] = timeit(theirs_fwd_bwd, tsync, iters=5, reps=5)
+        row["mamba_ssm_fwd_bwd_ms"] = timeit(theirs_fwd_bwd, tsync, reps=5)
         try:  # their fwd+bwd device time: a CUDA graph of forward + autograd backward
             graph = cuda_graph(torch, theirs_fwd_bwd)
-            row["mamba_ssm_fwd_bwd_graph_ms"] = timeit(lambda: graph.replay(), tsync, iters=5,
-                                                       reps=5)
+            row["mamba_ssm_fwd_bwd_graph_ms"] = timeit(lambda: graph.replay(), tsync, reps=5)
         except Exception as e:
             row["mamba_ssm_fwd_bwd_graph_ms"] = (f"capture failed: {type(e).__name__}: "
                                                  f"{str(e)[:120]}")

@@ -1,6 +1,7 @@
 """The benchmark scripts' config syntax and device-span arithmetic (no GPU needed)."""
 
 import math
+import time
 import sys
 from pathlib import Path
 
@@ -36,3 +37,22 @@ def test_device_span_is_the_median_call_from_first_start_to_last_end():
     spans = [k for call in calls for k in call][::-1]  # any order
     assert device_span_us(spans, 3) == 30.0
     assert math.isnan(device_span_us(spans[:5], 3))  # not one group per call
+
+
+def test_timer_runs_last_long_enough_to_amortize_the_first_launch():
+    from bench_kernels import timeit
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    ms = timeit(fn, lambda _: None, reps=3, warmup=1, min_rep_s=0.05)
+    per_run = (len(calls) - 2) // 3  # after the warmup call and the one that sizes the runs
+    # ceil(50 ms / the sizing call's time): 25 for a 2 ms call, fewer when sleeps overrun
+    assert 10 < per_run <= 26 and (len(calls) - 2) % 3 == 0
+    assert ms >= 2.0
+    calls.clear()
+    timeit(fn, lambda _: None, iters=4, reps=2, warmup=0)
+    assert len(calls) == 8  # fixed run length: no sizing call

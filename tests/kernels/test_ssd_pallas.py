@@ -301,7 +301,7 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
     args = _lowering_args(dtype, with_z, d_per_channel)
     fn = functools.partial(ssd_forward_chunked, chunk_size=256, return_pre_gate=with_z, **blocks)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3  # chunk states, state pass, outputs
+    assert text.count("__gpu$xla.gpu.triton") == 4  # decays, chunk states, state pass, outputs
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
@@ -317,8 +317,8 @@ def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g, blocks
         S((b, h, p, n), jnp.float32), chunk_states if with_z else None)  # d final, d chunks
     fn = functools.partial(ssd_backward_chunked, chunk_size=q, **blocks)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    # local gradient states, reverse state passing, dx/dB, dC
-    assert text.count("__gpu$xla.gpu.triton") == 4
+    # decays, local gradient states, reverse state passing, dx/dB, dC
+    assert text.count("__gpu$xla.gpu.triton") == 5
 
 
 # ---- GPU only -------------------------------------------------------------------------------

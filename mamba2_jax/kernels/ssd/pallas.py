@@ -42,6 +42,7 @@ class SSDKernelConfig:
     out_num_warps: int | None = None  # the output kernel's launch (None: num_warps)
     out_num_stages: int | None = None  # (None: num_stages)
     chunk_states: bool = False  # also return the float32 state after every chunk
+    decays: str = "pallas"  # the decay terms: their Pallas kernel, or "xla" fusions
     backward: str = "pallas"  # "pallas" kernels, or "xla": jax.vjp of the reference (fallback)
     bwd_block_m: int = 64  # rows / columns per block of the backward kernels
     bwd_dx_block_n: int | None = 32  # rows per step of the dx/dB kernel (None: bwd_block_m)
@@ -55,6 +56,9 @@ class SSDKernelConfig:
         if self.backward not in BACKWARDS:
             raise ValueError(f"SSDKernelConfig.backward must be one of {BACKWARDS}, "
                              f"got {self.backward!r}")
+        if self.decays not in ("pallas", "xla"):
+            raise ValueError(f"SSDKernelConfig.decays must be 'pallas' or 'xla', got "
+                             f"{self.decays!r}")
         # Blocks tile the chunk exactly (a block that does not divide it leaves rows unwritten);
         # Triton dots need sides >= 16.
         for name in ("block_m", "block_k", "bwd_block_m") + tuple(
@@ -98,7 +102,8 @@ def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
         block_p=None if cfg.block_p is None else min(cfg.block_p, p),
         pass_block_p=cfg.pass_block_p,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, out_num_warps=cfg.out_num_warps,
-        out_num_stages=cfg.out_num_stages, row_blocks=cfg.row_blocks, interpret=cfg.interpret)
+        out_num_stages=cfg.out_num_stages, row_blocks=cfg.row_blocks, decays=cfg.decays,
+        interpret=cfg.interpret)
 
 
 def backward_kwargs(cfg: SSDKernelConfig) -> dict:
@@ -107,7 +112,7 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,
-        num_stages=cfg.bwd_num_stages, interpret=cfg.interpret)
+        num_stages=cfg.bwd_num_stages, decays=cfg.decays, interpret=cfg.interpret)
 
 
 def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state,
-                                              _last_of_sequence, chunk_decays, launcher,
+                                              _last_of_sequence, decays_for, launcher,
                                               local_states, operand_dtype, step_size)
 
 
@@ -274,13 +274,14 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
-    "num_warps", "num_stages", "interpret"))
+    "num_warps", "num_stages", "decays", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy,
                          dfinal, dchunks=None, *, chunk_size: int, block_m: int = 64,
                          dx_block_n: int | None = None, dc_block_n: int | None = None,
                          block_k: int = 32, heads: int = 4,
                          pass_block_p: int | None = None, num_warps: int = 4,
-                         num_stages: int = 1, interpret: bool = False):
+                         num_stages: int = 1, decays: str = "pallas",
+                         interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
@@ -289,7 +290,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
     ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
     (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
-    (None: all p).
+    (None: all p); ``decays``: as the forward's.
     """
     rows, L, h, _ = x.shape
     g, n = B.shape[-2:]
@@ -299,7 +300,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     blocks = dict(chunk_size=q, block_m=block_m, heads=heads, **launch)
     first, index = is_first.astype(jnp.int32), init_index.astype(jnp.int32)
 
-    dec = chunk_decays(dt, A, q)
+    dec = decays_for(decays, dt, A, q, interpret=interpret)
     dY, dz, dD = _gate_backward(dy, x, D, z, y_pre)
     dY = dY.astype(x.dtype)
     K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dfinal, dchunks, chunk_size=q,

@@ -3,9 +3,9 @@
 Inputs are laid out in chunks of q tokens (``[b, c*q, ...]``; padding tokens carry dt = 0).
 With ``a = dt * A``:
 
-0. In XLA (``chunk_decays``): ``acum`` (the cumsum of a inside each chunk), ``to_end`` (the
-   sum of the later a's, a reverse cumsum), the chunk ``total`` and the state weights
-   ``w = exp(to_end) dt`` (float32).
+0. ``decays.py`` (one Pallas launch, or XLA with ``decays="xla"``): ``acum`` (the cumsum of a
+   inside each chunk), ``to_end`` (the sum of the later a's, a reverse cumsum), the chunk
+   ``total`` and the state weights ``w = exp(to_end) dt`` (float32).
 1. ``_local_state_kernel``, grid (h, p / bp, b*c): every chunk's own state
    ``sum_j w_j x_j B_j^T`` in parallel; then ``_pass_kernel``, grid (b, h, p / pp),
    sequential over chunks:
@@ -28,13 +28,13 @@ changes no result), float32 accumulation and states, ``y`` in ``x.dtype``.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from mamba2_jax.kernels.ssd.decays import Decays, decays_for
 
 
 def operand_dtype(dtype):
@@ -175,30 +175,6 @@ def _output_kernel(x_ref, C_ref, B_ref, dt_ref, acum_ref, first_ref, index_ref, 
     lax.fori_loop(0, row_blocks, row_block, 0)
 
 
-class Decays(NamedTuple):
-    """Per-chunk decay terms of ``a = dt * A`` (float32, [b, c, h, q] unless noted)."""
-
-    acum: jax.Array  # a_0 + ... + a_i (inclusive cumsum inside the chunk)
-    to_end: jax.Array  # a_{j+1} + ... + a_{q-1} (exclusive reverse cumsum: no cancellation)
-    total: jax.Array  # [b, c, h] sum over the chunk
-    dt: jax.Array  # dt itself, laid out per chunk
-    w: jax.Array  # exp(to_end) dt: the weight of token j in its chunk's state
-
-
-def chunk_decays(dt, A, chunk_size) -> Decays:
-    """The decay terms of ``a = dt A`` per chunk, in XLA: dt [b, c*q, h] (processed, float32),
-    A [h]. (A Pallas kernel of one program per chunk and head measured 126 us against ~15 us
-    of XLA fusions on an H200, b=1, l=8192, h=80.)"""
-    b, L, h = dt.shape
-    q = chunk_size
-    a = jnp.moveaxis((dt * A[None, None, :]).reshape(b, L // q, q, h), 2, 3)  # [b, c, h, q]
-    rev = jnp.cumsum(a[..., ::-1], axis=-1)[..., ::-1]  # a_j + ... + a_{q-1}
-    to_end = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)
-    dtc = jnp.moveaxis(dt.reshape(b, L // q, q, h), 2, 3)
-    return Decays(jnp.cumsum(a, axis=-1), to_end, jnp.sum(a, axis=-1), dtc,
-                  jnp.exp(to_end) * dtc)
-
-
 def launcher(interpret, num_warps, num_stages):
     """``pl.pallas_call`` on the Triton backend with these launch settings."""
     return functools.partial(pl.pallas_call, interpret=interpret, compiler_params=plt.CompilerParams(
@@ -275,14 +251,14 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "block_n", "block_k", "block_p", "pass_block_p", "row_blocks",
     "num_warps", "num_stages", "out_num_warps", "out_num_stages", "full_states",
-    "return_pre_gate", "interpret"))
+    "return_pre_gate", "decays", "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_n: int | None = None, block_k: int = 32,
                         block_p: int | None = None, pass_block_p: int | None = None,
                         row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
                         out_num_warps: int | None = None, out_num_stages: int | None = None,
                         full_states: bool = True, return_pre_gate: bool = False,
-                        interpret: bool = False):
+                        decays: str = "pallas", interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
@@ -292,14 +268,15 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     ``return_pre_gate`` y before the gate as a fourth. ``full_states``: end states in float32
     (else in the operand dtype: see :func:`chunk_states`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
-    ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``).
+    ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
+    ``decays``: the decay terms from their Pallas kernel ("pallas") or from XLA ("xla").
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     out_launch = dict(num_warps=num_warps if out_num_warps is None else out_num_warps,
                       num_stages=num_stages if out_num_stages is None else out_num_stages,
                       interpret=interpret)
-    dec = chunk_decays(dt, A, q)
+    dec = decays_for(decays, dt, A, q, interpret=interpret)
     end, final = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
                               block_k=block_k, block_p=block_p, pass_block_p=pass_block_p,
                               full_states=full_states, **launch)
