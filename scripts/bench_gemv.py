@@ -3,7 +3,9 @@
 
     python scripts/bench_gemv.py --out benchmarks/results
 
-Single products: m in {1, 4}, (K, N) in {(2560, 10576) in_proj, (5120, 2560) out_proj}. Ours runs
+Single products: m in {1, 4}, (K, N) in {(2560, 10576) in_proj, (5120, 2560) out_proj,
+(2560, 50280) lm_head}; the LM head is the tied embedding, w [N, K] (``w_layout="out_in"``),
+against XLA's ``einsum("mk,nk->mn")`` as the model writes it. Ours runs
 at its default launch parameters and at a small sweep of (block_n, block_k, splits[, method,
 num_warps, num_stages]); a configuration that fails to compile or run is recorded with its
 error, not fatal. Each timed call is one jitted function applying the product to R distinct
@@ -38,7 +40,9 @@ from bench_kernels import streaming_bandwidth, timeit  # noqa: E402  (same timer
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 ROWS = (1, 4)
-SHAPES = [("in_proj", 2560, 10576), ("out_proj", 5120, 2560)]
+# (name, K, N, w_layout): lm_head is the tied embedding [vocab, d] read as w [N, K]
+SHAPES = [("in_proj", 2560, 10576, "in_out"), ("out_proj", 5120, 2560, "in_out"),
+          ("lm_head", 2560, 50280, "out_in")]
 LAYERS, D_MODEL, D_INNER, D_IN_PROJ = 64, 2560, 5120, 10576
 # Sweep of our launch parameters; None = the default rule. The first entry is the default.
 CONFIGS = [
@@ -92,7 +96,8 @@ def main(argv=None):
     if not smoke and jax.default_backend() != "gpu":
         raise SystemExit("bench_gemv.py needs a GPU (use --smoke for the CPU check)")
     rows_m = (1, 2) if smoke else ROWS
-    shapes = [("in_proj", 64, 80), ("out_proj", 96, 32)] if smoke else SHAPES
+    shapes = ([("in_proj", 64, 80, "in_out"), ("out_proj", 96, 32, "in_out"),
+               ("lm_head", 64, 112, "out_in")] if smoke else SHAPES)
     configs = SMOKE_CONFIGS if smoke else CONFIGS
     if args.no_sweep:
         configs = configs[:1]
@@ -107,9 +112,10 @@ def main(argv=None):
     bw = streaming_bandwidth((1 << 20) if smoke else (4 << 30), iters=iters, reps=reps)
     print(f"device {device}, jax {jax.__version__}, measured read bandwidth {bw / 1e9:.0f} GB/s")
 
-    def weights(key, n, K, N):
+    def weights(key, n, K, N, w_layout="in_out"):
         keys = jax.random.split(key, n)
-        make = jax.jit(lambda k: (jax.random.normal(k, (K, N), jnp.float32)
+        shape = (N, K) if w_layout == "out_in" else (K, N)
+        make = jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32)
                                   / math.sqrt(K)).astype(jnp.bfloat16))
         return [make(k) for k in keys]
 
@@ -127,16 +133,21 @@ def main(argv=None):
         path.write_text(json.dumps(result, indent=2))
         return path
 
-    for name, K, N in shapes:
+    for name, K, N, layout in shapes:
         wbytes = K * N * 2
         R = max(2, -(-min_bytes // wbytes))
-        ws = weights(jax.random.PRNGKey(K + N), R, K, N)
+        ws = weights(jax.random.PRNGKey(K + N), R, K, N, layout)
+        # XLA as the model calls it: jnp.dot, or the tied head's einsum against [N, K]
+        xla_dot = ((lambda x, w: jnp.einsum("mk,nk->mn", x, w)) if layout == "out_in"
+                   else jnp.dot)
         for m in rows_m:
             x = jax.random.normal(jax.random.PRNGKey(m), (m, K), jnp.float32).astype(jnp.bfloat16)
-            ref = jnp.dot(x.astype(jnp.float32), ws[0].astype(jnp.float32))
-            xla = jax.jit(lambda x, ws: tuple(jnp.dot(x, w) for w in ws))
+            w0 = ws[0].T if layout == "out_in" else ws[0]
+            ref = jnp.dot(x.astype(jnp.float32), w0.astype(jnp.float32))
+            xla = jax.jit(lambda x, ws, d=xla_dot: tuple(d(x, w) for w in ws))
             xla_ms = timeit(functools.partial(xla, x, ws), sync, iters=iters, reps=reps) / R
-            row = dict(name=name, m=m, K=K, N=N, weight_bytes=wbytes, copies=R, xla_ms=xla_ms,
+            row = dict(name=name, m=m, K=K, N=N, w_layout=layout, weight_bytes=wbytes, copies=R,
+                       xla_ms=xla_ms,
                        xla_GBps=wbytes / (xla_ms * 1e-3) / 1e9,
                        xla_bw_fraction=wbytes / (xla_ms * 1e-3) / bw,
                        xla_rel_err=rel(xla(x, ws[:1])[0], ref), ours=[])
@@ -147,8 +158,8 @@ def main(argv=None):
                                                      if k in ("block_n", "block_k", "splits",
                                                               "method")})
                     entry["plan"] = dict(p, grid=list(p["grid"]))
-                    f = jax.jit(lambda x, ws, cfg=cfg: tuple(gemv(x, w, **ours_kw, **cfg)
-                                                             for w in ws))
+                    f = jax.jit(lambda x, ws, cfg=cfg, lay=layout: tuple(
+                        gemv(x, w, w_layout=lay, **ours_kw, **cfg) for w in ws))
                     entry["rel_err"] = rel(f(x, ws[:1])[0], ref)
                     ms = timeit(functools.partial(f, x, ws), sync, iters=iters, reps=reps) / R
                     entry.update(ms=ms, GBps=wbytes / (ms * 1e-3) / 1e9,

@@ -199,3 +199,53 @@ def test_gpu_real_sizes(m, K, N):
     assert rel(out, gemv_ref(x, w, b)) < 8e-3
     assert rel(out, numpy_gemv(x, w, b)) < 8e-3
     assert rel(gemv(x, w, b), numpy_gemv(x, w, b)) < 8e-3  # auto
+
+
+# ---- w as [N, K] ("out_in": a tied embedding matrix as the LM head) -------------------------
+
+@pytest.mark.parametrize("m,dtype,kw", [
+    (1, BF16, dict(block_n=32, block_k=16, splits=3)),  # ragged K and N, split K
+    (3, F32, dict(block_n=16, block_k=32)),
+    (12, BF16, {}),  # dot method
+    (5, F32, dict(method="dot", block_n=16, block_k=16, splits=2)),
+    (2, BF16, {}),
+])
+def test_out_in_layout_matches_reference_and_numpy(m, dtype, kw):
+    K, N = 100, 70
+    x, w, b = inputs(m + 40, m, K, N, dtype)
+    wt = jnp.asarray(w.T)  # [N, K], its own contiguous copy
+    out = gemv(x, wt, b, w_layout="out_in", impl="pallas", interpret=not ON_GPU, **kw)
+    check(out, x, w, b)
+    np.testing.assert_allclose(np.asarray(gemv_ref(x, wt, b, w_layout="out_in"), np.float32),
+                               np.asarray(gemv_ref(x, w, b), np.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_out_in_layout_validation():
+    x, w, _ = inputs(0, 1, 32, 48, F32, bias=False)
+    with pytest.raises(ValueError, match="w_layout must be one of"):
+        gemv(x, w, w_layout="transposed", impl="pallas", interpret=True)
+    with pytest.raises(ValueError, match=r"w.shape\[1\] == 48"):
+        gemv(x, w, w_layout="out_in", impl="pallas", interpret=True)  # w is [K, N] here
+    out = gemv(x, w.T, w_layout="out_in", impl="xla")
+    assert out.shape == (1, 48)
+
+
+@pytest.mark.parametrize("m,dtype,kw", [(1, BF16, {}), (4, BF16, {}), (16, BF16, {}),
+                                        (1, BF16, dict(block_n=64, block_k=128))])
+def test_out_in_kernel_lowers_for_cuda(m, dtype, kw):
+    K, N = 2560, 50280  # the 2.7b tied LM head
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(gemv_pallas, w_layout="out_in", **kw)
+    text = (jax.jit(fn).trace(S((m, K), dtype), S((N, K), dtype))
+            .lower(lowering_platforms=("cuda",)).as_text())
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gpu_out_in_lm_head_size(m):
+    K, N = 2560, 50280
+    x, w, _ = inputs(m, m, K, N, BF16, bias=False)
+    out = gemv(x, jnp.asarray(w.T), w_layout="out_in", impl="pallas")
+    assert rel(out, numpy_gemv(x, w, None)) < 8e-3

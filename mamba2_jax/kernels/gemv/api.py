@@ -1,7 +1,8 @@
 """Public small-batch GEMV: ``out = x @ w (+ bias)``, validation + dispatch.
 
 x [m, K] (or [..., K]: leading axes are flattened into m and restored), w [K, N] in the
-Flax orientation ([in, out], row-major), bias [N] or None. x and w share one float dtype
+Flax orientation ([in, out], row-major) or, with ``w_layout="out_in"``, [N, K] (a tied
+embedding matrix [vocab, d] as the LM head: ``x @ w.T``), bias [N] or None. x and w share one float dtype
 (bfloat16, float16 or float32); products accumulate in float32; the output is in ``x.dtype``.
 This matches ``nnx.Linear`` (``dot_general`` in the param dtype, float32 accumulation on GPU)
 within one rounding of the output.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import resolve_impl
 from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, SM_COUNT,
-                                                 gemv_pallas)
+                                                 check_layout, gemv_pallas)
 from mamba2_jax.kernels.gemv.reference import gemv_ref
 
 MAX_AUTO_ROWS = 16
@@ -42,22 +43,25 @@ def _check_block(name, v):
         raise ValueError(f"gemv: {name} must be {what} or None, got {v!r}")
 
 
-def gemv(x, w, bias=None, *, impl: str = "auto", interpret: bool = False, block_n=None,
-         block_k=None, splits=None, method=None, num_warps: int = NUM_WARPS,
-         num_stages: int = NUM_STAGES):
-    """``x @ w (+ bias)`` in ``x.dtype`` with float32 accumulation; see the module docstring."""
+def gemv(x, w, bias=None, *, w_layout: str = "in_out", impl: str = "auto",
+         interpret: bool = False, block_n=None, block_k=None, splits=None, method=None,
+         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
+    """``x @ w (+ bias)`` in ``x.dtype`` with float32 accumulation; see the module docstring.
+    ``w_layout="out_in"``: w is [N, K] and the product is ``x @ w.T``."""
     op = "gemv"
     for name, a in (("x", x), ("w", w)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise ValueError(f"{op}: {name} must be an array, got {type(a).__name__}")
     if x.ndim < 1:
         raise ValueError(f"{op}: x must be [m, K] (or [..., K]), got a scalar")
+    out_in = check_layout(w_layout)
     if w.ndim != 2:
-        raise ValueError(f"{op}: w must be [K, N], got shape {tuple(w.shape)}")
-    K, N = w.shape
+        raise ValueError(f"{op}: w must be {'[N, K]' if out_in else '[K, N]'}, got shape "
+                         f"{tuple(w.shape)}")
+    N, K = w.shape if out_in else w.shape[::-1]
     if x.shape[-1] != K:
-        raise ValueError(f"{op}: x.shape[-1] must equal w.shape[0] == {K}, got x "
-                         f"{tuple(x.shape)} and w {tuple(w.shape)}")
+        raise ValueError(f"{op}: x.shape[-1] must equal w.shape[{int(out_in)}] == {K}, got x "
+                         f"{tuple(x.shape)} and w {tuple(w.shape)} (w_layout={w_layout!r})")
     if x.dtype not in DTYPES:
         raise ValueError(f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
     if w.dtype != x.dtype:
@@ -87,8 +91,8 @@ def gemv(x, w, bias=None, *, impl: str = "auto", interpret: bool = False, block_
                     tuple(x.shape), tuple(w.shape))
         backend = "xla"
     if backend == "xla":
-        return gemv_ref(x, w, bias)
+        return gemv_ref(x, w, bias, w_layout=w_layout)
     out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
-                      method=method, num_warps=num_warps, num_stages=num_stages,
-                      sm_count=_sm_count(), interpret=interpret)
+                      method=method, w_layout=w_layout, num_warps=num_warps,
+                      num_stages=num_stages, sm_count=_sm_count(), interpret=interpret)
     return out.reshape(*lead, N)

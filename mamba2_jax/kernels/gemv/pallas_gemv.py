@@ -1,6 +1,8 @@
 """Pallas (Triton backend) split-K GEMV for small batch: ``out = x @ w (+ bias)``.
 
-x [m, K], w [K, N] (row-major, Flax orientation [in, out]), m small (<= 16 is the target).
+x [m, K], w [K, N] (row-major, Flax orientation [in, out]), m small (<= 16 is the target);
+``w_layout="out_in"`` takes w as [N, K] instead (a tied embedding matrix [vocab, d] as the
+LM head: each output is a dot with one contiguous row of w), with the same tiles transposed.
 At batch 1 a decode step is a chain of matrix-vector products that must stream every weight
 byte once; the kernel is built to read ``w`` at memory speed.
 
@@ -57,10 +59,18 @@ MAX_BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 METHODS = ("fma", "dot")
+W_LAYOUTS = ("in_out", "out_in")  # w [K, N] (Flax kernels), or [N, K] (e.g. a tied embedding)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_layout(w_layout: str) -> bool:
+    """Whether ``w_layout`` is "out_in" (w [N, K]); a ValueError unless it is one of W_LAYOUTS."""
+    if w_layout not in W_LAYOUTS:
+        raise ValueError(f"gemv: w_layout must be one of {W_LAYOUTS}, got {w_layout!r}")
+    return w_layout == "out_in"
 
 
 def default_method(m: int) -> str:
@@ -120,24 +130,35 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
 
 
 def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
-                 precision):
+                 precision, out_in):
     j, s = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(j * bn, bn)
     ragged_n = N % bn != 0
     cols = n0 + jnp.arange(bn, dtype=jnp.int32)
     rows = jnp.arange(mp, dtype=jnp.int32)
+    # w tiles are [bk, bn] ("in_out") or [bn, bk] ("out_in"); ``tile_of`` orients a [bk]- and
+    # a [bn]-indexed mask (or index) pair into that tile's shape.
+    tile_shape = (bn, bk) if out_in else (bk, bn)
+
+    def tile_of(k_part, n_part):
+        if out_in:
+            return jnp.broadcast_to(k_part[None, :], tile_shape), jnp.broadcast_to(
+                n_part[:, None], tile_shape)
+        return jnp.broadcast_to(k_part[:, None], tile_shape), jnp.broadcast_to(
+            n_part[None, :], tile_shape)
 
     def tile(t, acc):
         k0 = pl.multiple_of(s * ks + t * bk, bk)
         kk = k0 + jnp.arange(bk, dtype=jnp.int32)
-        # w tile [bk, bn]: rows past K (last slab) and columns past N (last block) masked.
+        # w tile: rows of K past K (last slab) and of N past N (last block) masked.
+        km, nm = tile_of(kk < K, cols < N)
         wmask = None
         if ragged_k:
-            wmask = jnp.broadcast_to((kk < K)[:, None], (bk, bn))
+            wmask = km
         if ragged_n:
-            cm = jnp.broadcast_to((cols < N)[None, :], (bk, bn))
-            wmask = cm if wmask is None else wmask & cm
-        wt = w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)]
+            wmask = nm if wmask is None else wmask & nm
+        wt = (w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)] if out_in
+              else w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)])
         w = wt[...] if wmask is None else plt.load(wt, mask=wmask, other=0)
         # x tile [mp, bk]: rows past m and columns past K read as zero.
         xmask = None
@@ -149,13 +170,21 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, r
         xt = x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)]
         x = xt[...] if xmask is None else plt.load(xt, mask=xmask, other=0)
         if method == "fma":
-            return acc + x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None, :, :]
-        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+            xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+            if out_in:  # acc [mp, bn, bk]
+                return acc + xf[:, None, :] * wf[None, :, :]
+            return acc + xf[:, :, None] * wf[None, :, :]  # acc [mp, bk, bn]
+        dims = (((1,), (1,)) if out_in else ((1,), (0,)), ((), ()))
+        return acc + jax.lax.dot_general(x, w, dims, precision=precision,
+                                         preferred_element_type=jnp.float32)
 
-    acc = jnp.zeros((mp, bk, bn) if method == "fma" else (mp, bn), jnp.float32)
-    acc = tile(0, acc) if n_k == 1 else jax.lax.fori_loop(0, n_k, tile, acc)
     if method == "fma":
-        acc = jnp.sum(acc, axis=1)  # the one cross-thread reduction, after the loop
+        acc = jnp.zeros((mp, bn, bk) if out_in else (mp, bk, bn), jnp.float32)
+    else:
+        acc = jnp.zeros((mp, bn), jnp.float32)
+    acc = tile(0, acc) if n_k == 1 else jax.lax.fori_loop(0, n_k, tile, acc)
+    if method == "fma":  # the one cross-thread reduction, after the loop
+        acc = jnp.sum(acc, axis=2 if out_in else 1)
     out = o_ref.at[s, pl.ds(0, mp), pl.ds(n0, bn)]
     if mp != m or ragged_n:
         omask = (jnp.broadcast_to((rows < m)[:, None], (mp, bn))
@@ -165,15 +194,19 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, r
         out[...] = acc
 
 
-def gemv_partials(x, w, *, p, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
-    """The float32 split-K partial products ``[S, m, N]`` of ``x [m, K] @ w [K, N]`` for the
-    launch plan ``p`` (from ``plan``); their sum over axis 0 is the product."""
+def gemv_partials(x, w, *, p, w_layout="in_out", num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                  interpret=False):
+    """The float32 split-K partial products ``[S, m, N]`` of ``x [m, K] @ w`` (w [K, N], or
+    [N, K] with ``w_layout="out_in"``) for the launch plan ``p`` (from ``plan``); their sum
+    over axis 0 is the product."""
     m, K = x.shape
-    N = w.shape[1]
+    out_in = check_layout(w_layout)
+    N = w.shape[0] if out_in else w.shape[1]
     precision = (jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None)
     kernel = functools.partial(
         _gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
-        n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision)
+        n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision,
+        out_in=out_in)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32),
@@ -184,20 +217,20 @@ def gemv_partials(x, w, *, p, num_warps=NUM_WARPS, num_stages=NUM_STAGES, interp
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",
-                                             "num_warps", "num_stages", "sm_count",
+                                             "w_layout", "num_warps", "num_stages", "sm_count",
                                              "interpret"))
 def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, method=None,
-                num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-                sm_count: int = SM_COUNT, interpret: bool = False):
-    """``x [m, K] @ w [K, N] (+ bias [N])`` in ``x.dtype``: the kernel's partials, summed (and
-    the bias added) in float32 by XLA. Shapes and dtypes are the caller's to check (``api.gemv``
-    does)."""
+                w_layout: str = "in_out", num_warps: int = NUM_WARPS,
+                num_stages: int = NUM_STAGES, sm_count: int = SM_COUNT, interpret: bool = False):
+    """``x [m, K] @ w (+ bias [N])`` in ``x.dtype`` (w [K, N], or [N, K] with
+    ``w_layout="out_in"``): the kernel's partials, summed (and the bias added) in float32 by
+    XLA. Shapes and dtypes are the caller's to check (``api.gemv`` does)."""
     m, K = x.shape
-    N = w.shape[1]
+    N = w.shape[0] if check_layout(w_layout) else w.shape[1]
     p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
              sm_count=sm_count)
-    out = jnp.sum(gemv_partials(x, w, p=p, num_warps=num_warps, num_stages=num_stages,
-                                interpret=interpret), axis=0)
+    out = jnp.sum(gemv_partials(x, w, p=p, w_layout=w_layout, num_warps=num_warps,
+                                num_stages=num_stages, interpret=interpret), axis=0)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)
