@@ -126,12 +126,14 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
     from mamba2_jax.kernels.common import process_dt
     from mamba2_jax.kernels.ssd import pallas_fwd as k
     from mamba2_jax.kernels.ssd.decays import decays_for
+    from mamba2_jax.kernels.ssd.pallas import decays_launch
 
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
-    prologue = jax.jit(lambda dt, bias: decays_for(cfg.decays, process_dt(dt, bias, True), A, q,
-                                                   interpret=interpret))
+    prologue = jax.jit(lambda dt, bias: decays_for(
+        cfg.decays, process_dt(dt, bias, True), A, q, launch=decays_launch(cfg),
+        interpret=interpret))
     dec = prologue(dt, bias)
     states = jax.jit(lambda x, B, dec: k.chunk_states(  # the inference path's state copy
         x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k, block_p=cfg.block_p,
@@ -158,17 +160,19 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     from mamba2_jax.kernels.ssd import pallas_bwd as kb
     from mamba2_jax.kernels.ssd import pallas_fwd as kf
     from mamba2_jax.kernels.ssd.decays import decays_for
-    from mamba2_jax.kernels.ssd.pallas import backward_kwargs
+    from mamba2_jax.kernels.ssd.pallas import backward_kwargs, decays_launch
 
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
     _, end, _ = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
-                                       chunk_size=q, decays=cfg.decays, interpret=interpret)
+                                       chunk_size=q, decays=cfg.decays,
+                                       decays_launch=decays_launch(cfg), interpret=interpret)
     dfinal = jnp.zeros_like(h0)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
-    dec = jax.jit(lambda dtp: decays_for(cfg.decays, dtp, A, q, interpret=interpret))(dtp)
+    dec = jax.jit(lambda dtp: decays_for(cfg.decays, dtp, A, q, launch=decays_launch(cfg),
+                                         interpret=interpret))(dtp)
     whole = jax.jit(lambda *a: kb.ssd_backward_chunked(*a, **backward_kwargs(cfg)))
     states = jax.jit(lambda dy, dec, end, dfinal: kb.gradient_states(
         dy, C, dec, first, index, h0, end, dfinal, chunk_size=q, block_k=cfg.block_k,
@@ -188,7 +192,7 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
 
 def config_fields(spec: str) -> dict:
     """``"default"`` or ``"field=value,field=value"`` -> SSDKernelConfig overrides (values: ints,
-    ``none``, or strings); a spec that is not of that form or that SSDKernelConfig rejects
+    ``none``, ``true`` / ``false``, or strings); a spec that is not of that form or that SSDKernelConfig rejects
     raises ValueError naming it."""
     from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig
 
@@ -201,7 +205,8 @@ def config_fields(spec: str) -> dict:
             raise ValueError(f"config {spec!r}: {item!r} is not field=value")
         value = value.strip()
         fields[name.strip()] = (None if value.lower() == "none" else
-                                int(value) if value.lstrip("-").isdigit() else value)
+                                value.lower() == "true" if value.lower() in ("true", "false")
+                                else int(value) if value.lstrip("-").isdigit() else value)
     try:
         SSDKernelConfig(chunk_size=256, **fields)
     except (TypeError, ValueError) as e:

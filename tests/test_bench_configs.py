@@ -17,13 +17,15 @@ def test_config_fields_parse_overrides():
     assert config_fields("default") == {} and config_fields(" ") == {}
     assert config_fields("block_n=64, pass_block_p=none,backward=xla") == dict(
         block_n=64, pass_block_p=None, backward="xla")
+    assert config_fields("bwd_fused_dD=True,decays=xla") == dict(bwd_fused_dD=True, decays="xla")
 
 
 @pytest.mark.parametrize("spec,says", [("block_n", "is not field=value"),
                                        ("block_n=64,=3", "is not field=value"),
                                        ("block_n=24", "block_n"),
                                        ("nosuch=1", "nosuch"),
-                                       ("backward=triton", "backward")])
+                                       ("backward=triton", "backward"),
+                                       ("bwd_fused_dD=yes", "bwd_fused_dD must be a bool")])
 def test_config_fields_name_a_bad_spec(spec, says):
     with pytest.raises(ValueError, match=says) as err:
         config_fields(spec)

@@ -30,11 +30,12 @@ def decay_inputs(seed, b, L, h, pad=0):
     return jnp.asarray(dt, jnp.float32), jnp.asarray(A, jnp.float32)
 
 
-@pytest.mark.parametrize("b,L,h,q,pad", [(2, 64, 12, 32, 5), (1, 48, 3, 16, 0),
-                                         (1, 128, 80, 64, 17), (1, 64, 64, 64, 0)])
-def test_pallas_decays_match_xla_and_float64(b, L, h, q, pad):
+@pytest.mark.parametrize("b,L,h,q,pad,launch", [
+    (2, 64, 12, 32, 5, {}), (1, 48, 3, 16, 0, {}), (1, 128, 80, 64, 17, {}),
+    (1, 64, 64, 64, 0, {}), (1, 128, 80, 64, 3, dict(max_heads=4, num_warps=1))])
+def test_pallas_decays_match_xla_and_float64(b, L, h, q, pad, launch):
     dt, A = decay_inputs(L + h, b, L, h, pad)
-    got = chunk_decays_pallas(dt, A, q, interpret=True)
+    got = chunk_decays_pallas(dt, A, q, interpret=True, **launch)
     xla = chunk_decays(dt, A, q)
     for name, want in zip(got._fields, oracle(dt, A, q)):
         g = np.asarray(getattr(got, name), np.float64)
@@ -60,9 +61,10 @@ def test_reverse_sums_do_not_cancel_under_strong_decay():
     assert np.max(np.abs(cancelling[..., q // 2: -1] - late) / np.abs(late)) > 1e-2  # the trap
 
 
-@pytest.mark.parametrize("h,want", [(80, 16), (128, 32), (3, 1), (12, 4), (64, 32)])
-def test_heads_per_block(h, want):
-    assert heads_per_block(h) == want
+@pytest.mark.parametrize("h,cap,want", [(80, 32, 16), (128, 32, 32), (3, 32, 1), (12, 32, 4),
+                                         (64, 32, 32), (128, 8, 8), (80, 4, 4)])
+def test_heads_per_block(h, cap, want):
+    assert heads_per_block(h, cap) == want
 
 
 def test_forward_is_the_same_with_either_decays():
@@ -79,10 +81,12 @@ def test_forward_is_the_same_with_either_decays():
         SSDKernelConfig(chunk_size=q, decays="triton")
 
 
-@pytest.mark.parametrize("b,L,h,q", [(1, 8192, 80, 256), (2, 1024, 3, 64)])
-def test_decays_kernel_lowers_for_cuda(b, L, h, q):
+@pytest.mark.parametrize("b,L,h,q,launch", [(1, 8192, 80, 256, {}), (2, 1024, 3, 64, {}),
+                                            (1, 8192, 128, 256, dict(max_heads=8, num_warps=1)),
+                                            (1, 4096, 80, 256, dict(num_warps=8))])
+def test_decays_kernel_lowers_for_cuda(b, L, h, q, launch):
     S = jax.ShapeDtypeStruct
-    fn = lambda dt, A: chunk_decays_pallas(dt, A, q)
+    fn = lambda dt, A: chunk_decays_pallas(dt, A, q, **launch)
     text = (jax.jit(fn).trace(S((b, L, h), jnp.float32), S((h,), jnp.float32))
             .lower(lowering_platforms=("cuda",)).as_text())
     assert text.count("__gpu$xla.gpu.triton") == 1

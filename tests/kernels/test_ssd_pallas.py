@@ -242,6 +242,25 @@ def test_xla_backward_fallback_is_selectable():
         SSDKernelConfig(chunk_size=16, backward="triton")
 
 
+@pytest.mark.parametrize("opts,lens", [(("D", "h0"), None), (("Dhp",), (9, 0, 40, 3, 20)),
+                                       (("D", "z"), None)])  # with a gate: XLA's dD
+def test_fused_dD_matches_the_xla_reduction(opts, lens):
+    l = 72 if lens else 40
+    args, w, wf, cu = case_args(2 if lens is None else 1, l, 4, 16, 2, 16, jnp.float32, opts,
+                                lens)
+
+    def with_fused(fused, backward="pallas"):  # 2 dx/dB column blocks per chunk
+        cfg = SSDKernelConfig(chunk_size=32, dt_softplus=True, bwd_fused_dD=fused,
+                              bwd_block_m=16, backward=backward, interpret=not ON_GPU)
+        return lambda *a: ssd_pallas(cfg, *a, cu)[:2]
+
+    fused, plain = grads(with_fused(True), w, wf, args), grads(with_fused(False), w, wf, args)
+    assert_grads_close(fused, grads(with_fused(False, "xla"), w, wf, args), jnp.float32)
+    assert rel(fused["D"], plain["D"]) < 1e-5
+    for name in set(fused) - {"D"}:  # nothing else changes
+        np.testing.assert_array_equal(np.asarray(fused[name]), np.asarray(plain[name]))
+
+
 def test_float16_gradients_keep_states_in_float32():
     """Slow decay and a loss scale (fp16 practice) push the end-state cotangents past fp16's
     range; they must stay float32 as matmul operands (finite, equal to the reference)."""
@@ -307,7 +326,8 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel,g,blocks", [
     (False, False, 1, {}), (True, True, 8, {}),
-    (False, True, 1, dict(pass_block_p=4, dx_block_n=32, dc_block_n=32))])
+    (False, True, 1, dict(pass_block_p=4, dx_block_n=32, dc_block_n=32)),
+    (False, False, 8, dict(fused_dD=True)), (False, True, 1, dict(fused_dD=True))])
 def test_backward_kernels_lower_for_cuda(dtype, with_z, d_per_channel, g, blocks):
     b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
     S = jax.ShapeDtypeStruct

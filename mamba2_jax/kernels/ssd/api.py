@@ -96,9 +96,9 @@ def ssd_chunk_scan(
     if backend == "pallas":
         reason = pallas_unsupported(x, B, chunk_size)
         if reason is None:
-            cfg = SSDKernelConfig(chunk_size=chunk_size, dt_softplus=dt_softplus,
-                                  dt_limit=dt_limit, chunk_states=return_chunk_states,
-                                  interpret=interpret)
+            cfg = SSDKernelConfig(chunk_size=chunk_size, dt_softplus=bool(dt_softplus),
+                                  dt_limit=dt_limit, chunk_states=bool(return_chunk_states),
+                                  interpret=bool(interpret))
             y, final, chunks = ssd_pallas(cfg, x, dt, A, B, C, D, z, dt_bias, initial_states,
                                           cu_seqlens)
             out = (y,) + ((final,) if return_final_states else ()) + (

@@ -84,12 +84,14 @@ def _decays_kernel(dt_ref, A_ref, acum_ref, to_end_ref, total_ref, dtc_ref, w_re
     total_ref[bi, ci, heads] = jnp.sum(a, axis=0)
 
 
-def chunk_decays_pallas(dt, A, chunk_size, *, num_warps=4, interpret=False) -> Decays:
-    """The decay terms from one Pallas launch: dt [b, c*q, h] (processed, float32), A [h]."""
+def chunk_decays_pallas(dt, A, chunk_size, *, max_heads=32, num_warps=4,
+                        interpret=False) -> Decays:
+    """The decay terms from one Pallas launch: dt [b, c*q, h] (processed, float32), A [h];
+    each program takes ``heads_per_block(h, max_heads)`` heads of one chunk."""
     b, L, h = dt.shape
     q = chunk_size
     c = L // q
-    hb = heads_per_block(h)
+    hb = heads_per_block(h, max_heads)
     per_token = jax.ShapeDtypeStruct((b, c, h, q), jnp.float32)
     acum, to_end, total, dtc, w = pl.pallas_call(
         functools.partial(_decays_kernel, q=q, hb=hb),
@@ -101,10 +103,16 @@ def chunk_decays_pallas(dt, A, chunk_size, *, num_warps=4, interpret=False) -> D
     return Decays(acum, to_end, total, dtc, w)
 
 
-def decays_for(impl: str, dt, A, chunk_size, *, interpret=False) -> Decays:
-    """``chunk_decays`` ("xla") or ``chunk_decays_pallas`` ("pallas")."""
+DECAYS_LAUNCH = (32, 4)  # the Pallas kernel's (max_heads, num_warps)
+
+
+def decays_for(impl: str, dt, A, chunk_size, *, launch=DECAYS_LAUNCH, interpret=False) -> Decays:
+    """``chunk_decays`` ("xla") or ``chunk_decays_pallas`` ("pallas", with ``launch`` =
+    (max_heads, num_warps))."""
     if impl == "pallas":
-        return chunk_decays_pallas(dt, A, chunk_size, interpret=interpret)
+        max_heads, num_warps = launch
+        return chunk_decays_pallas(dt, A, chunk_size, max_heads=max_heads, num_warps=num_warps,
+                                   interpret=interpret)
     if impl == "xla":
         return chunk_decays(dt, A, chunk_size)
     raise ValueError(f"decays must be 'pallas' or 'xla', got {impl!r}")

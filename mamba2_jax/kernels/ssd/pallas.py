@@ -43,11 +43,14 @@ class SSDKernelConfig:
     out_num_stages: int | None = None  # (None: num_stages)
     chunk_states: bool = False  # also return the float32 state after every chunk
     decays: str = "pallas"  # the decay terms: their Pallas kernel, or "xla" fusions
+    decays_heads: int = 32  # at most this many heads per program of the decays kernel
+    decays_num_warps: int = 4
     backward: str = "pallas"  # "pallas" kernels, or "xla": jax.vjp of the reference (fallback)
     bwd_block_m: int = 64  # rows / columns per block of the backward kernels
     bwd_dx_block_n: int | None = 32  # rows per step of the dx/dB kernel (None: bwd_block_m)
     bwd_dc_block_n: int | None = None  # columns per step of the dC kernel (None: bwd_block_m)
     bwd_heads: int = 4  # at most this many heads (of one group) per dx/dB and dC program
+    bwd_fused_dD: bool = False  # without a gate, dD from partial sums of the dx/dB kernel
     bwd_num_warps: int = 4
     bwd_num_stages: int = 1  # fastest in the H200 sweep (2.18 vs 2.26 ms fwd+bwd with 2)
     interpret: bool = False
@@ -56,6 +59,10 @@ class SSDKernelConfig:
         if self.backward not in BACKWARDS:
             raise ValueError(f"SSDKernelConfig.backward must be one of {BACKWARDS}, "
                              f"got {self.backward!r}")
+        for name in ("dt_softplus", "chunk_states", "bwd_fused_dD", "interpret"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SSDKernelConfig: {name} must be a bool, got "
+                                 f"{getattr(self, name)!r}")
         if self.decays not in ("pallas", "xla"):
             raise ValueError(f"SSDKernelConfig.decays must be 'pallas' or 'xla', got "
                              f"{self.decays!r}")
@@ -67,7 +74,8 @@ class SSDKernelConfig:
             if check_pow2(name, getattr(self, name), op="SSDKernelConfig") < 16:
                 raise ValueError(f"SSDKernelConfig: {name} must be >= 16, got "
                                  f"{getattr(self, name)}")
-        for name in ("row_blocks", "num_warps", "bwd_num_warps") + tuple(
+        for name in ("row_blocks", "num_warps", "bwd_num_warps", "decays_heads",
+                     "decays_num_warps") + tuple(
                 v for v in ("pass_block_p", "out_num_warps")  # no dots: any power of two
                 if getattr(self, v) is not None):
             check_pow2(name, getattr(self, name), op="SSDKernelConfig")
@@ -94,6 +102,10 @@ def pallas_unsupported(x, B, chunk_size: int) -> str | None:
     return None
 
 
+def decays_launch(cfg: SSDKernelConfig) -> tuple[int, int]:
+    return cfg.decays_heads, cfg.decays_num_warps
+
+
 def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
     return dict(
         chunk_size=cfg.chunk_size, block_m=min(cfg.block_m, cfg.chunk_size),
@@ -103,7 +115,7 @@ def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
         pass_block_p=cfg.pass_block_p,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, out_num_warps=cfg.out_num_warps,
         out_num_stages=cfg.out_num_stages, row_blocks=cfg.row_blocks, decays=cfg.decays,
-        interpret=cfg.interpret)
+        decays_launch=decays_launch(cfg), interpret=cfg.interpret)
 
 
 def backward_kwargs(cfg: SSDKernelConfig) -> dict:
@@ -111,8 +123,9 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
     return dict(
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
-        pass_block_p=cfg.pass_block_p, num_warps=cfg.bwd_num_warps,
-        num_stages=cfg.bwd_num_stages, decays=cfg.decays, interpret=cfg.interpret)
+        pass_block_p=cfg.pass_block_p, fused_dD=cfg.bwd_fused_dD, num_warps=cfg.bwd_num_warps,
+        num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg),
+        interpret=cfg.interpret)
 
 
 def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):

@@ -49,7 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state,
-                                              _last_of_sequence, decays_for, launcher,
+                                              DECAYS_LAUNCH, _last_of_sequence, decays_for,
+                                              launcher,
                                               local_states, operand_dtype, step_size)
 
 
@@ -79,8 +80,8 @@ def _reverse_pass_kernel(K_ref, dfinal_ref, total_ref, first_ref, index_ref, h0_
 
 
 def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_ref, D_ref,
-                  dx_ref, dB_ref, ddt_ref, colsum_ref, rowsum_ref, T_ref, *, q, bm, bn, hb,
-                  heads_per_group, fp32, d_per_channel):
+                  dx_ref, dB_ref, ddt_ref, colsum_ref, rowsum_ref, T_ref, *dD_ref, q, bm, bn,
+                  hb, heads_per_group, fp32, d_per_channel):
     hk, jb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = G_ref.shape[1]
     bi, ci = bc // nc, bc % nc
@@ -131,7 +132,10 @@ def _dx_dB_kernel(x_ref, B_ref, C_ref, dY_ref, dt_ref, acum_ref, to_end_ref, G_r
         dx_acc, dB_acc, colsum = lax.fori_loop(jb * steps, q // bn, row_step, init)
         xf = xj.astype(jnp.float32)
         d = D_ref[hi, :][None, :] if d_per_channel else D_ref[hi]
-        dx = dx_acc * w_j[:, None] + dY_ref[bi, cols, hi, :].astype(jnp.float32) * d
+        dYj = dY_ref[bi, cols, hi, :].astype(jnp.float32)
+        dx = dx_acc * w_j[:, None] + dYj * d
+        if dD_ref:  # this block's part of dD = sum_t dY_t x_t (per channel)
+            dD_ref[0][bi, ci, jb, hi, :] = jnp.sum(dYj * xf, axis=0)
         dx_ref[bi, cols, hi, :] = dx.astype(dx_ref.dtype)
         ddt_ref[bi, ci, hi, sub_j] = jnp.sum(dx_acc * xf, axis=1)
         colsum_ref[bi, ci, hi, sub_j] = colsum
@@ -181,8 +185,8 @@ def heads_per_program(h: int, g: int, most: int) -> int:
     return max(d for d in range(1, min(most, r) + 1) if r % d == 0)
 
 
-def _gate_backward(dy, x, D, z, y_pre):
-    """Undo ``y = (y_ssd + D x) * silu(z)`` in XLA: (dY of y_ssd, dz, dD)."""
+def _gate_backward(dy, x, D, z, y_pre, with_dD=True):
+    """Undo ``y = (y_ssd + D x) * silu(z)`` in XLA: (dY of y_ssd, dz, dD or None)."""
     f32 = jnp.float32
     dyf = dy.astype(f32)
     dz = None
@@ -191,6 +195,8 @@ def _gate_backward(dy, x, D, z, y_pre):
         sig = jax.nn.sigmoid(zf)
         dz = (dyf * y_pre.astype(f32) * sig * (1.0 + zf * (1.0 - sig))).astype(z.dtype)
         dyf = dyf * zf * sig
+    if not with_dD:
+        return dyf, dz, None
     dD = jnp.sum(dyf * x.astype(f32), axis=(0, 1))
     return dyf, dz, jnp.sum(dD, axis=-1) if D.ndim == 1 else dD
 
@@ -239,20 +245,23 @@ def _blocks(x, B, chunk_size, block_m, block_n, heads):
 
 
 def dx_dB(x, B, C, dY, dec, G, D, *, chunk_size, block_m=64, block_n=None, heads=4,
-          num_warps=4, num_stages=2, interpret=False):
-    """Kernel 3: (dx, dB partials [b, c*q, h / hb, n], ddt, colsum, rowsum partials, T); each
-    program steps over the rows ``block_n`` (default block_m) at a time."""
+          with_dD=False, num_warps=4, num_stages=2, interpret=False):
+    """Kernel 3: (dx, dB partials [b, c*q, h / hb, n], ddt, colsum, rowsum partials, T) and with
+    ``with_dD`` the partial sums of ``dY x`` per column block ``[b, c, q / bm, h, p]`` (their
+    sum is dD when dY is the output's cotangent: no gate); each program steps over the rows
+    ``block_n`` (default block_m) at a time."""
     rows, L, h, g, n, bm, bn, hb = _blocks(x, B, chunk_size, block_m, block_n, heads)
     q = chunk_size
     per_token = jax.ShapeDtypeStruct((rows, L // q, h, q), jnp.float32)
     kernel = functools.partial(_dx_dB_kernel, q=q, bm=bm, bn=bn, hb=hb,
                                heads_per_group=h // g, fp32=x.dtype == jnp.float32,
                                d_per_channel=D.ndim == 2)
+    rows_per_block = jax.ShapeDtypeStruct((rows, L // q, h, q // bm, q), jnp.float32)
+    dD_parts = (jax.ShapeDtypeStruct((rows, L // q, q // bm, h, x.shape[-1]), jnp.float32),)
     return launcher(interpret, num_warps, num_stages)(
         kernel, out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                            jax.ShapeDtypeStruct((rows, L, h // hb, n), jnp.float32), per_token,
-                           per_token, jax.ShapeDtypeStruct((rows, L // q, h, q // bm, q),
-                                                           jnp.float32), per_token),
+                           per_token, rows_per_block, per_token) + (dD_parts if with_dD else ()),
         grid=(h // hb, q // bm, rows * (L // q)), name="ssd_bwd_dx_dB")(
         x, B, C, dY, dec.dt, dec.acum, dec.to_end, G, D.astype(jnp.float32))
 
@@ -274,14 +283,15 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
-    "num_warps", "num_stages", "decays", "interpret"))
+    "fused_dD", "num_warps", "num_stages", "decays", "decays_launch", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy,
                          dfinal, dchunks=None, *, chunk_size: int, block_m: int = 64,
                          dx_block_n: int | None = None, dc_block_n: int | None = None,
                          block_k: int = 32, heads: int = 4,
-                         pass_block_p: int | None = None, num_warps: int = 4,
+                         pass_block_p: int | None = None, fused_dD: bool = False,
+                         num_warps: int = 4,
                          num_stages: int = 1, decays: str = "pallas",
-                         interpret: bool = False):
+                         decays_launch: tuple = DECAYS_LAUNCH, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
@@ -290,7 +300,9 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
     ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
     (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
-    (None: all p); ``decays``: as the forward's.
+    (None: all p); ``fused_dD``: without a gate, dD from partial sums in the dx/dB kernel
+    (which reads dY and x anyway) instead of an XLA reduction over them; ``decays`` /
+    ``decays_launch``: as the forward's.
     """
     rows, L, h, _ = x.shape
     g, n = B.shape[-2:]
@@ -300,13 +312,17 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     blocks = dict(chunk_size=q, block_m=block_m, heads=heads, **launch)
     first, index = is_first.astype(jnp.int32), init_index.astype(jnp.int32)
 
-    dec = decays_for(decays, dt, A, q, interpret=interpret)
-    dY, dz, dD = _gate_backward(dy, x, D, z, y_pre)
+    dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
+    fuse = fused_dD and z is None
+    dY, dz, dD = _gate_backward(dy, x, D, z, y_pre, with_dD=not fuse)
     dY = dY.astype(x.dtype)
     K, G, sg = gradient_states(dY, C, dec, first, index, h0, end, dfinal, dchunks, chunk_size=q,
                                block_k=block_k, pass_block_p=pass_block_p, **launch)
-    dx, dB, ddt, colsum, rowsum, T = dx_dB(x, B, C, dY, dec, G, D, block_n=dx_block_n,
-                                           **blocks)
+    dx, dB, ddt, colsum, rowsum, T, *dD_parts = dx_dB(x, B, C, dY, dec, G, D,
+                                                      block_n=dx_block_n, with_dD=fuse, **blocks)
+    if fuse:
+        dD = jnp.sum(dD_parts[0], axis=(0, 1, 2))
+        dD = jnp.sum(dD, axis=-1) if D.ndim == 1 else dD
     dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, block_n=dc_block_n,
                             **blocks)
 

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from mamba2_jax.kernels.ssd.decays import Decays, decays_for
+from mamba2_jax.kernels.ssd.decays import DECAYS_LAUNCH, Decays, decays_for
 
 
 def operand_dtype(dtype):
@@ -251,14 +251,15 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "block_n", "block_k", "block_p", "pass_block_p", "row_blocks",
     "num_warps", "num_stages", "out_num_warps", "out_num_stages", "full_states",
-    "return_pre_gate", "decays", "interpret"))
+    "return_pre_gate", "decays", "decays_launch", "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_n: int | None = None, block_k: int = 32,
                         block_p: int | None = None, pass_block_p: int | None = None,
                         row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
                         out_num_warps: int | None = None, out_num_stages: int | None = None,
                         full_states: bool = True, return_pre_gate: bool = False,
-                        decays: str = "pallas", interpret: bool = False):
+                        decays: str = "pallas", decays_launch: tuple = DECAYS_LAUNCH,
+                        interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
@@ -269,14 +270,15 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     (else in the operand dtype: see :func:`chunk_states`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
-    ``decays``: the decay terms from their Pallas kernel ("pallas") or from XLA ("xla").
+    ``decays``: the decay terms from their Pallas kernel ("pallas") or from XLA ("xla");
+    ``decays_launch``: that kernel's (max heads per program, num_warps).
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     out_launch = dict(num_warps=num_warps if out_num_warps is None else out_num_warps,
                       num_stages=num_stages if out_num_stages is None else out_num_stages,
                       interpret=interpret)
-    dec = decays_for(decays, dt, A, q, interpret=interpret)
+    dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
     end, final = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
                               block_k=block_k, block_p=block_p, pass_block_p=pass_block_p,
                               full_states=full_states, **launch)
