@@ -7,7 +7,9 @@ Each variant runs in its own process (XLA flags are read at start-up):
 
 * ``ours/<flags>``: ``decode_step`` jitted functionally with the state donated (ms / step), and
   ``mamba2_jax.generate`` (compiled prefill + ``lax.while_loop`` decode): per-token time from two
-  generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel.
+  generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel; with
+  ``impl="auto"``, or ``"pallas"`` (variant ``pallas``: every op's kernel and the LM head through
+  the Pallas GEMV), or ``"xla"`` (``xla_ops``).
 * ``breakdown``: the projection GEMVs alone, the lm_head alone, and the decode step inside a
   compiled 16-step loop (device time without host dispatch).
 * ``hf``: ``transformers.Mamba2ForCausalLM`` (bf16, CUDA, same weights), greedy ``generate``,
@@ -202,7 +204,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["xla_ops", "hf"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["pallas", "xla_ops", "hf"],
+                    help="default / command_buffers_off (impl auto), pallas (impl pallas: every "
+                         "op's kernel and the LM head's GEMV), xla_ops (impl xla), hf, breakdown*")
     ap.add_argument("--name", default="generate_2.7b", help="result file prefix")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
@@ -215,7 +219,8 @@ def main():
         elif args.worker.startswith("breakdown"):
             result = worker_breakdown(args.batch)
         else:
-            impl = "xla" if args.worker.startswith("xla_ops") else "auto"
+            impl = ("xla" if args.worker.startswith("xla_ops") else
+                    "pallas" if args.worker == "pallas" else "auto")
             result = worker_ours(args.batch, 16, 80, impl)
         print("RESULT " + json.dumps(result), flush=True)
         return

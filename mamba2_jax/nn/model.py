@@ -15,6 +15,8 @@ names; the residual stream is laid out ``(data, context, -)``; logits ``(data, c
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +24,9 @@ from flax.nnx.nn.linear import default_embed_init, default_kernel_init
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mamba2_jax.config import Mamba2Config
+from mamba2_jax.kernels.common import op_kwargs
+from mamba2_jax.kernels.gemv import gemv
+from mamba2_jax.kernels.gemv.api import MAX_AUTO_ROWS
 from mamba2_jax.nn.mixer import MambaMixer2, MixerState, init_mixer_state
 from mamba2_jax.nn.norm import RMSNorm
 from mamba2_jax.sharding.params import logical_init, place_params
@@ -100,13 +105,21 @@ class Mamba2ForCausalLM(nnx.Module):
         seq = (plan.seq_axis(input_ids.shape[1]),) if input_ids.ndim == 2 else ()
         return plan.constrain(h, plan.batch_axis(input_ids.shape[0]), *seq, None)
 
-    def _logits(self, h):
+    def _logits(self, h, *, head_impl=None):
+        """float32 logits of the final hidden states. ``head_impl`` "pallas" / "interpret" (the
+        decode step's explicit kernel choice, rows <= gemv's MAX_AUTO_ROWS, no mesh): the head
+        through the Pallas GEMV (the tied embedding read as w [vocab, d]); otherwise XLA."""
         h = self.backbone.norm_f(h)
-        if self.lm_head is None:
-            emb = self.backbone.embeddings.embedding[...]
-            return jnp.einsum("...d,vd->...v", h.astype(emb.dtype), emb,
+        tied = self.lm_head is None
+        w = self.backbone.embeddings.embedding[...] if tied else self.lm_head.kernel[...]
+        rows = math.prod(h.shape[:-1])
+        if head_impl in ("pallas", "interpret") and self.mesh is None and rows <= MAX_AUTO_ROWS:
+            return gemv(h.astype(w.dtype), w, w_layout="out_in" if tied else "in_out",
+                        out_dtype=jnp.float32, **op_kwargs(head_impl))
+        if tied:
+            return jnp.einsum("...d,vd->...v", h.astype(w.dtype), w,
                               preferred_element_type=jnp.float32).astype(jnp.float32)
-        return self.lm_head(h.astype(self.lm_head.kernel[...].dtype)).astype(jnp.float32)
+        return self.lm_head(h.astype(w.dtype)).astype(jnp.float32)
 
     def init_state(self, batch_size: int) -> ModelState:
         """The zero state of every layer (before any token), sharded like the mixers on a mesh.
@@ -148,10 +161,14 @@ class Mamba2ForCausalLM(nnx.Module):
         return self._logits(h)
 
     def decode_step(self, token_ids, state: ModelState, *, impl: str = "auto"):
-        """One token per sequence: ``token_ids [b]`` -> (logits [b, v], new state)."""
+        """One token per sequence: ``token_ids [b]`` -> (logits [b, v], new state).
+
+        ``impl="pallas"`` / ``"interpret"`` also runs the LM head through the Pallas GEMV (up to
+        16 rows, without a mesh); ``"auto"`` keeps XLA's product there (not yet measured
+        faster)."""
         h = self._embed(token_ids)
         new_state = []
         for layer, s in zip(self.backbone.layers, state):
             h, s = layer.step(h, s, impl=impl)
             new_state.append(s)
-        return self._logits(h), tuple(new_state)
+        return self._logits(h, head_impl=impl), tuple(new_state)

@@ -220,6 +220,18 @@ def test_out_in_layout_matches_reference_and_numpy(m, dtype, kw):
                                np.asarray(gemv_ref(x, w, b), np.float32), rtol=1e-6, atol=1e-6)
 
 
+def test_float32_output_keeps_the_accumulator():
+    x, w, b = inputs(5, 2, 300, 90, BF16)
+    want = numpy_gemv(x, w, b)
+    out = gemv(x, w, b, out_dtype=F32, impl="pallas", interpret=not ON_GPU)
+    ref = gemv_ref(x, w, b, out_dtype=F32)
+    assert out.dtype == ref.dtype == F32
+    assert rel(out, want) < 1e-5 and rel(ref, want) < 1e-5  # no bf16 rounding of the output
+    assert rel(gemv(x, w, b, impl="pallas", interpret=not ON_GPU), want) > 1e-4
+    with pytest.raises(ValueError, match="out_dtype"):
+        gemv(x, w, b, out_dtype=jnp.int32, impl="xla")
+
+
 def test_out_in_layout_validation():
     x, w, _ = inputs(0, 1, 32, 48, F32, bias=False)
     with pytest.raises(ValueError, match="w_layout must be one of"):

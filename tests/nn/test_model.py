@@ -103,3 +103,20 @@ def test_jit_forward_matches_eager():
     np.testing.assert_allclose(jitted, model(ids), rtol=1e-5, atol=1e-5)
     assert isinstance(jax.tree.leaves(nnx.state(model))[0], jax.Array)
     assert dataclasses.is_dataclass(model.config)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_step_lm_head_through_the_gemv_kernel(tied):
+    """impl="interpret": the head through the Pallas GEMV (tied: the embedding as w [v, d])."""
+    model = random_model(7, tie_word_embeddings=tied)
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, 64, (3, 6)))
+    _, state = model.prefill(ids[:, :5])
+    want, _ = model.decode_step(ids[:, 5], state, impl="xla")
+    got, _ = model.decode_step(ids[:, 5], state, impl="interpret")
+    assert got.dtype == jnp.float32 and got.shape == (3, 64)
+    assert rel(got, want) < 1e-4
+    h = jnp.asarray(np.random.default_rng(8).standard_normal((3, 32)), jnp.float32)
+    assert rel(model._logits(h, head_impl="interpret"), model._logits(h)) < 1e-5
+    head = lambda h, impl: model._logits(h, head_impl=impl)
+    assert "pallas_call" in str(jax.make_jaxpr(lambda h: head(h, "interpret"))(h))
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda h: head(h, "auto"))(h))

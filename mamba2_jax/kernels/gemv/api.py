@@ -43,10 +43,11 @@ def _check_block(name, v):
         raise ValueError(f"gemv: {name} must be {what} or None, got {v!r}")
 
 
-def gemv(x, w, bias=None, *, w_layout: str = "in_out", impl: str = "auto",
+def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str = "auto",
          interpret: bool = False, block_n=None, block_k=None, splits=None, method=None,
          num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
-    """``x @ w (+ bias)`` in ``x.dtype`` with float32 accumulation; see the module docstring.
+    """``x @ w (+ bias)`` with float32 accumulation, in ``out_dtype`` (None: x.dtype; float32
+    keeps the accumulator's precision, e.g. for logits); see the module docstring.
     ``w_layout="out_in"``: w is [N, K] and the product is ``x @ w.T``."""
     op = "gemv"
     for name, a in (("x", x), ("w", w)):
@@ -74,6 +75,9 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", impl: str = "auto",
             raise ValueError(f"{op}: bias must be a floating-point array, got {bias.dtype}")
     for name, v in (("block_n", block_n), ("block_k", block_k), ("splits", splits)):
         _check_block(name, v)
+    if out_dtype is not None and jnp.dtype(out_dtype) not in DTYPES:
+        raise ValueError(f"{op}: out_dtype must be bfloat16, float16, float32 or None, got "
+                         f"{out_dtype}")
     if method is not None and method not in METHODS:
         raise ValueError(f"{op}: method must be one of {METHODS} or None, got {method!r}")
     if method == "dot" and any(v is not None and v < 16 for v in (block_n, block_k)):
@@ -91,8 +95,10 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", impl: str = "auto",
                     tuple(x.shape), tuple(w.shape))
         backend = "xla"
     if backend == "xla":
-        return gemv_ref(x, w, bias, w_layout=w_layout)
+        return gemv_ref(x, w, bias, w_layout=w_layout, out_dtype=out_dtype)
     out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
-                      method=method, w_layout=w_layout, num_warps=num_warps,
-                      num_stages=num_stages, sm_count=_sm_count(), interpret=interpret)
+                      method=method, w_layout=w_layout,
+                      out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
+                      num_warps=num_warps, num_stages=num_stages, sm_count=_sm_count(),
+                      interpret=interpret)
     return out.reshape(*lead, N)

@@ -217,14 +217,14 @@ def gemv_partials(x, w, *, p, w_layout="in_out", num_warps=NUM_WARPS, num_stages
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",
-                                             "w_layout", "num_warps", "num_stages", "sm_count",
-                                             "interpret"))
+                                             "w_layout", "out_dtype", "num_warps", "num_stages",
+                                             "sm_count", "interpret"))
 def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, method=None,
-                w_layout: str = "in_out", num_warps: int = NUM_WARPS,
+                w_layout: str = "in_out", out_dtype=None, num_warps: int = NUM_WARPS,
                 num_stages: int = NUM_STAGES, sm_count: int = SM_COUNT, interpret: bool = False):
-    """``x [m, K] @ w (+ bias [N])`` in ``x.dtype`` (w [K, N], or [N, K] with
-    ``w_layout="out_in"``): the kernel's partials, summed (and the bias added) in float32 by
-    XLA. Shapes and dtypes are the caller's to check (``api.gemv`` does)."""
+    """``x [m, K] @ w (+ bias [N])`` in ``out_dtype`` (None: ``x.dtype``; w [K, N], or [N, K]
+    with ``w_layout="out_in"``): the kernel's partials, summed (and the bias added) in float32
+    by XLA. Shapes and dtypes are the caller's to check (``api.gemv`` does)."""
     m, K = x.shape
     N = w.shape[0] if check_layout(w_layout) else w.shape[1]
     p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
@@ -233,4 +233,4 @@ def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, met
                                 num_stages=num_stages, interpret=interpret), axis=0)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
-    return out.astype(x.dtype)
+    return out.astype(x.dtype if out_dtype is None else out_dtype)
