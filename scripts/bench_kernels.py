@@ -131,14 +131,30 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
-    prologue = jax.jit(lambda dt, bias: decays_for(
-        cfg.decays, process_dt(dt, bias, True), A, q, launch=decays_launch(cfg),
-        interpret=interpret))
-    dec = prologue(dt, bias)
-    states = jax.jit(lambda x, B, dec: k.chunk_states(  # the inference path's state copy
-        x, B, dec, first, index, h0, chunk_size=q, block_k=cfg.block_k, block_p=cfg.block_p,
-        pass_block_p=cfg.pass_block_p, full_states=cfg.chunk_states, **launch))
-    end, _ = states(x, B, dec)
+    state_kw = dict(block_k=cfg.block_k, block_p=cfg.block_p)
+    pass_kw = dict(pass_block_p=cfg.pass_block_p, full_states=cfg.chunk_states)
+    if cfg.decays == "fused":  # the decay terms come out of the chunk-state kernel
+        prologue = jax.jit(lambda dt, bias: process_dt(dt, bias, True))
+        dtp = prologue(dt, bias)
+
+        def fused(x, B, dtp):
+            loc, dec = k.local_states_with_decays(x, B, dtp, A, chunk_size=q, **state_kw,
+                                                  **launch)
+            return k.state_pass(loc, dec.total, first, index, h0, x.dtype, **pass_kw,
+                                **launch), dec
+
+        states = jax.jit(fused)
+        (end, _), dec = states(x, B, dtp)
+        states_args = (x, B, dtp)
+    else:
+        prologue = jax.jit(lambda dt, bias: decays_for(
+            cfg.decays, process_dt(dt, bias, True), A, q, launch=decays_launch(cfg),
+            interpret=interpret))
+        dec = prologue(dt, bias)
+        states = jax.jit(lambda x, B, dec: k.chunk_states(  # the inference path's state copy
+            x, B, dec, first, index, h0, chunk_size=q, **state_kw, **pass_kw, **launch))
+        end, _ = states(x, B, dec)
+        states_args = (x, B, dec)
     out_launch = dict(launch, num_warps=cfg.out_num_warps or cfg.num_warps,
                       num_stages=cfg.out_num_stages or cfg.num_stages)
     outputs = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
@@ -146,7 +162,7 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
         row_blocks=cfg.row_blocks, block_n=cfg.block_n, **out_launch))
     return dict(
         prologue=timeit(lambda: prologue(dt, bias), sync),
-        states=timeit(lambda: states(x, B, dec), sync),
+        states=timeit(lambda: states(*states_args), sync),
         outputs=timeit(lambda: outputs(x, B, C, dec, end), sync))
 
 

@@ -58,3 +58,24 @@ def test_timer_runs_last_long_enough_to_amortize_the_first_launch():
     calls.clear()
     timeit(fn, lambda _: None, iters=4, reps=2, warmup=0)
     assert len(calls) == 8  # fixed run length: no sizing call
+
+
+@pytest.mark.parametrize("decays", ["pallas", "fused"])
+def test_forward_breakdown_runs_each_decays_path(decays):
+    """bench_kernels.breakdown (interpret mode): every stage of our forward timed alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench_kernels import breakdown
+    from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    b, l, h, p, g, n, q = 1, 64, 4, 16, 1, 16, 32
+    x, dt = jax.random.normal(k[0], (b, l, h, p)), jax.random.normal(k[1], (b, l, h))
+    B, C = jax.random.normal(k[2], (b, l, g, n)), jax.random.normal(k[3], (b, l, g, n))
+    cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, decays=decays, block_k=16,
+                          block_m=16, block_n=16)
+    sync = lambda o: jax.block_until_ready(o) if o is not None else None
+    out = breakdown(cfg, x, dt, -jnp.ones(h), B, C, jnp.ones(h), jnp.zeros(h), sync,
+                    interpret=True)
+    assert set(out) == {"prologue", "states", "outputs"} and min(out.values()) > 0

@@ -22,6 +22,7 @@ from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
 
 BACKWARDS = ("pallas", "xla")  # SSDKernelConfig.backward: Pallas kernels, or the XLA fallback
+DECAYS = ("pallas", "xla", "fused")  # SSDKernelConfig.decays (see ssd_forward_chunked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ class SSDKernelConfig:
     out_num_warps: int | None = None  # the output kernel's launch (None: num_warps)
     out_num_stages: int | None = None  # (None: num_stages)
     chunk_states: bool = False  # also return the float32 state after every chunk
-    decays: str = "pallas"  # the decay terms: their Pallas kernel, or "xla" fusions
+    decays: str = "pallas"  # the decay terms: their kernel, "xla", or "fused" (fwd: in the
+    #                         chunk-state kernel; the backward then takes "pallas")
     decays_heads: int = 32  # at most this many heads per program of the decays kernel
     decays_num_warps: int = 4
     backward: str = "pallas"  # "pallas" kernels, or "xla": jax.vjp of the reference (fallback)
@@ -63,8 +65,8 @@ class SSDKernelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SSDKernelConfig: {name} must be a bool, got "
                                  f"{getattr(self, name)!r}")
-        if self.decays not in ("pallas", "xla"):
-            raise ValueError(f"SSDKernelConfig.decays must be 'pallas' or 'xla', got "
+        if self.decays not in DECAYS:
+            raise ValueError(f"SSDKernelConfig.decays must be one of {DECAYS}, got "
                              f"{self.decays!r}")
         # Blocks tile the chunk exactly (a block that does not divide it leaves rows unwritten);
         # Triton dots need sides >= 16.
@@ -124,7 +126,8 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, fused_dD=cfg.bwd_fused_dD, num_warps=cfg.bwd_num_warps,
-        num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg),
+        num_stages=cfg.bwd_num_stages, decays="pallas" if cfg.decays == "fused" else cfg.decays,
+        decays_launch=decays_launch(cfg),
         interpret=cfg.interpret)
 
 
