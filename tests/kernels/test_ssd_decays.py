@@ -4,6 +4,7 @@ and its lowering for "cuda"."""
 import functools
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,3 +142,37 @@ def test_decays_kernel_lowers_for_cuda(b, L, h, q, launch):
     text = (jax.jit(fn).trace(S((b, L, h), jnp.float32), S((h,), jnp.float32))
             .lower(lowering_platforms=("cuda",)).as_text())
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def kernel_names(closed):
+    """Names of the pallas_calls in a (closed) jaxpr, nested ones included, in order."""
+    names = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                name = e.params.get("name", e.params.get("name_and_src_info"))  # jax 0.10 / 0.11
+                names.append(str(name).split(" ")[0])
+            for v in e.params.values():
+                if isinstance(v, jex.ClosedJaxpr):
+                    walk(v.jaxpr)
+                elif isinstance(v, jex.Jaxpr):
+                    walk(v)
+
+    walk(closed.jaxpr)
+    return names
+
+
+@pytest.mark.parametrize("decays,launches", [("pallas", 1), ("fused", 1), ("xla", 0)])
+def test_the_backward_reuses_the_forward_decay_terms(decays, launches):
+    """One decays launch per forward + backward: the backward reads the forward's terms
+    ("fused" keeps no to_end, so there only the backward launches the kernel)."""
+    rng = np.random.default_rng(5)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    x, dt, B, C = f(1, 32, 4, 16), f(1, 32, 4), f(1, 32, 1, 16), f(1, 32, 1, 16)
+    cfg = SSDKernelConfig(chunk_size=16, dt_softplus=True, decays=decays, interpret=True)
+    loss = lambda x, dt: jnp.sum(ssd_pallas(cfg, x, dt, -jnp.ones(4), B, C, None, None, None,
+                                            None, None)[0])
+    names = kernel_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, dt))
+    assert names.count("ssd_chunk_decays") == launches
+    assert names.count("ssd_bwd_dx_dB") == 1 and names.count("ssd_chunk_output") == 1

@@ -141,22 +141,23 @@ def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
 
 
 def _core_fwd(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
-    kw = _forward_kwargs(cfg, x.shape[-1])
-    if z is None:
-        (y, end, final), pre = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first,
-                                                   init_index, **kw), None
-    else:  # the output before the gate: dz needs it
-        y, end, final, pre = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first,
-                                                 init_index, return_pre_gate=True, **kw)
+    # with a gate, also the output before it (dz needs it); and the decay terms, which the
+    # backward reads again (unless "fused" left out to_end: then it recomputes them)
+    outs = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
+                               return_pre_gate=z is not None, return_decays=True,
+                               **_forward_kwargs(cfg, x.shape[-1]))
+    y, end, final, dec = outs[0], outs[1], outs[2], outs[-1]
+    pre = outs[3] if z is not None else None
     out = (y, final, end if cfg.chunk_states else None)
-    return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end)
+    dec = None if dec.to_end is None else dec._replace(w=None)  # the backward never reads w
+    return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec)
 
 
 def _core_bwd(cfg, res, cotangents):
-    x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end = res
+    x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec = res
     dy, dfinal, dchunks = cotangents
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
-        x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dfinal, dchunks,
+        x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dfinal, dchunks, dec,
         **backward_kwargs(cfg))
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 

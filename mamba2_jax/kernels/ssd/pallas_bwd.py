@@ -285,18 +285,18 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
     "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
     "fused_dD", "num_warps", "num_stages", "decays", "decays_launch", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy,
-                         dfinal, dchunks=None, *, chunk_size: int, block_m: int = 64,
+                         dfinal, dchunks=None, dec=None, *, chunk_size: int, block_m: int = 64,
                          dx_block_n: int | None = None, dc_block_n: int | None = None,
                          block_k: int = 32, heads: int = 4,
                          pass_block_p: int | None = None, fused_dD: bool = False,
-                         num_warps: int = 4,
-                         num_stages: int = 1, decays: str = "pallas",
+                         num_warps: int = 4, num_stages: int = 1, decays: str = "pallas",
                          decays_launch: tuple = DECAYS_LAUNCH, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p], ``dfinal`` of the final
-    states [m, h, p, n] and ``dchunks`` of every chunk's end state [b, c, h, p, n] (None: zero).
+    states [m, h, p, n] and ``dchunks`` of every chunk's end state [b, c, h, p, n] (None: zero);
+    ``dec``: the forward's decay terms (:class:`Decays` of dt and A; None: computed here).
     ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
     ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
     (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
@@ -312,7 +312,8 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     blocks = dict(chunk_size=q, block_m=block_m, heads=heads, **launch)
     first, index = is_first.astype(jnp.int32), init_index.astype(jnp.int32)
 
-    dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
+    if dec is None:
+        dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
     fuse = fused_dD and z is None
     dY, dz, dD = _gate_backward(dy, x, D, z, y_pre, with_dD=not fuse)
     dY = dY.astype(x.dtype)

@@ -314,22 +314,23 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "block_n", "block_k", "block_p", "pass_block_p", "row_blocks",
     "num_warps", "num_stages", "out_num_warps", "out_num_stages", "full_states",
-    "return_pre_gate", "decays", "decays_launch", "interpret"))
+    "return_pre_gate", "return_decays", "decays", "decays_launch", "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_n: int | None = None, block_k: int = 32,
                         block_p: int | None = None, pass_block_p: int | None = None,
                         row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
                         out_num_warps: int | None = None, out_num_stages: int | None = None,
                         full_states: bool = True, return_pre_gate: bool = False,
-                        decays: str = "pallas", decays_launch: tuple = DECAYS_LAUNCH,
-                        interpret: bool = False):
+                        return_decays: bool = False, decays: str = "pallas",
+                        decays_launch: tuple = DECAYS_LAUNCH, interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
     [b, c*q, g, n], D [h] or [h, p] (zeros when absent), z [b, c*q, h, p] or None, h0
     [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
     end states [b, c, h, p, n], final states [m, h, p, n] float32), and with
-    ``return_pre_gate`` y before the gate as a fourth. ``full_states``: end states in float32
+    ``return_pre_gate`` y before the gate as a fourth, with ``return_decays`` the decay terms
+    (:class:`Decays`) last (the backward reuses them). ``full_states``: end states in float32
     (else in the operand dtype: see :func:`chunk_states`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
@@ -355,6 +356,5 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
                         block_m=block_m, block_n=block_n, row_blocks=row_blocks,
                         return_pre_gate=return_pre_gate, **out_launch)
-    if return_pre_gate:
-        return out[0], end, final, out[1]
-    return out, end, final
+    outs = (out[0], end, final, out[1]) if return_pre_gate else (out, end, final)
+    return outs + (dec,) if return_decays else outs
