@@ -105,6 +105,7 @@ def pallas_unsupported(x, B, chunk_size: int) -> str | None:
 
 
 def decays_launch(cfg: SSDKernelConfig) -> tuple[int, int]:
+    """The decays kernel's (max heads per program, num_warps) that ``cfg`` sets."""
     return cfg.decays_heads, cfg.decays_num_warps
 
 
@@ -127,8 +128,7 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, fused_dD=cfg.bwd_fused_dD, num_warps=cfg.bwd_num_warps,
         num_stages=cfg.bwd_num_stages, decays="pallas" if cfg.decays == "fused" else cfg.decays,
-        decays_launch=decays_launch(cfg),
-        interpret=cfg.interpret)
+        decays_launch=decays_launch(cfg), interpret=cfg.interpret)
 
 
 def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
