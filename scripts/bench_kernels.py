@@ -95,6 +95,25 @@ def ceilings(torch):
     return 2 * (2 << 30) / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
 
 
+def torch_inputs(shape):
+    """The benchmark's inputs of one shape on the GPU, made in PyTorch (seed 0): a dict of
+    x, dt, A, B, C, D, dt_bias and the output cotangent dy."""
+    import torch
+
+    b, l, h, p, g, n, _ = shape
+    torch.manual_seed(0)
+    dev = dict(device="cuda")
+    return dict(
+        x=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev),
+        dt=torch.randn(b, l, h, dtype=torch.float32, **dev) - 1.0,
+        A=-torch.rand(h, dtype=torch.float32, **dev) * 4 - 0.5,
+        B=torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev),
+        C=torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev),
+        D=torch.randn(h, dtype=torch.float32, **dev),
+        dt_bias=torch.randn(h, dtype=torch.float32, **dev) - 1.0,
+        dy=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev))
+
+
 def ssd_cost(b, l, h, p, g, n, q, itemsize=2):
     """Minimal FLOPs and bytes of one forward.
 
@@ -133,28 +152,24 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
     state_kw = dict(block_k=cfg.block_k, block_p=cfg.block_p)
     pass_kw = dict(pass_block_p=cfg.pass_block_p, full_states=cfg.chunk_states)
-    if cfg.decays == "fused":  # the decay terms come out of the chunk-state kernel
-        prologue = jax.jit(lambda dt, bias: process_dt(dt, bias, True))
-        dtp = prologue(dt, bias)
+    fused = cfg.decays == "fused"  # the decay terms then come out of the chunk-state kernel
 
-        def fused(x, B, dtp):
-            loc, dec = k.local_states_with_decays(x, B, dtp, A, chunk_size=q, **state_kw,
+    def prologue_fn(dt, bias):  # processed dt, and unless fused its decay terms
+        dtp = process_dt(dt, bias, True)
+        return dtp if fused else decays_for(cfg.decays, dtp, A, q, launch=decays_launch(cfg),
+                                            interpret=interpret)
+
+    def states_fn(x, B, pro):  # the inference path's state copy unless cfg.chunk_states
+        if fused:
+            loc, dec = k.local_states_with_decays(x, B, pro, A, chunk_size=q, **state_kw,
                                                   **launch)
-            return k.state_pass(loc, dec.total, first, index, h0, x.dtype, **pass_kw,
-                                **launch), dec
+        else:
+            loc, dec = k.local_states(x, B, pro.w, chunk_size=q, **state_kw, **launch), pro
+        return k.state_pass(loc, dec.total, first, index, h0, x.dtype, **pass_kw, **launch), dec
 
-        states = jax.jit(fused)
-        (end, _), dec = states(x, B, dtp)
-        states_args = (x, B, dtp)
-    else:
-        prologue = jax.jit(lambda dt, bias: decays_for(
-            cfg.decays, process_dt(dt, bias, True), A, q, launch=decays_launch(cfg),
-            interpret=interpret))
-        dec = prologue(dt, bias)
-        states = jax.jit(lambda x, B, dec: k.chunk_states(  # the inference path's state copy
-            x, B, dec, first, index, h0, chunk_size=q, **state_kw, **pass_kw, **launch))
-        end, _ = states(x, B, dec)
-        states_args = (x, B, dec)
+    prologue, states = jax.jit(prologue_fn), jax.jit(states_fn)
+    pro = prologue(dt, bias)
+    (end, _), dec = states(x, B, pro)
     out_launch = dict(launch, num_warps=cfg.out_num_warps or cfg.num_warps,
                       num_stages=cfg.out_num_stages or cfg.num_stages)
     outputs = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
@@ -162,7 +177,7 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
         row_blocks=cfg.row_blocks, block_n=cfg.block_n, **out_launch))
     return dict(
         prologue=timeit(lambda: prologue(dt, bias), sync),
-        states=timeit(lambda: states(*states_args), sync),
+        states=timeit(lambda: states(x, B, pro), sync),
         outputs=timeit(lambda: outputs(x, B, C, dec, end), sync))
 
 
@@ -181,15 +196,18 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
-    _, end, _ = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
-                                       chunk_size=q, decays=cfg.decays,
-                                       decays_launch=decays_launch(cfg), interpret=interpret)
+    _, end, _, dec = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
+                                            chunk_size=q, decays=cfg.decays,
+                                            decays_launch=decays_launch(cfg), return_decays=True,
+                                            interpret=interpret)
+    bwd_kw = dict(backward_kwargs(cfg), interpret=interpret)
+    if dec.to_end is None:  # "fused" keeps no to_end: the backward forms the terms itself
+        dec = decays_for(bwd_kw["decays"], dtp, A, q, launch=decays_launch(cfg),
+                         interpret=interpret)
     dfinal = jnp.zeros_like(h0)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
-    dec = jax.jit(lambda dtp: decays_for(cfg.decays, dtp, A, q, launch=decays_launch(cfg),
-                                         interpret=interpret))(dtp)
-    whole = jax.jit(lambda *a: kb.ssd_backward_chunked(*a, **backward_kwargs(cfg)))
+    whole = jax.jit(lambda *a: kb.ssd_backward_chunked(*a, **bwd_kw))
     states = jax.jit(lambda dy, dec, end, dfinal: kb.gradient_states(
         dy, C, dec, first, index, h0, end, dfinal, chunk_size=q, block_k=cfg.block_k,
         pass_block_p=cfg.pass_block_p, **launch))
@@ -199,8 +217,9 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
                                                      block_n=cfg.bwd_dc_block_n, **blocks))
     return dict(
+        # the whole backward as the custom VJP runs it: on the forward's decay terms
         backward=timeit(lambda: whole(x, dtp, A, B, C, D, None, h0, first, index, None, end,
-                                      dy, dfinal), sync),
+                                      dy, dfinal, None, dec), sync),
         gradient_states=timeit(lambda: states(dy, dec, end, dfinal), sync),
         dx_dB=timeit(lambda: dxdb(dy, dec, G), sync),
         dC=timeit(lambda: dc(dy, dec, end), sync))
@@ -208,8 +227,8 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
 
 def config_fields(spec: str) -> dict:
     """``"default"`` or ``"field=value,field=value"`` -> SSDKernelConfig overrides (values: ints,
-    ``none``, ``true`` / ``false``, or strings); a spec that is not of that form or that SSDKernelConfig rejects
-    raises ValueError naming it."""
+    ``none``, ``true`` / ``false``, or strings); a spec that is not of that form or that
+    SSDKernelConfig rejects raises ValueError naming it."""
     from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig
 
     if spec.strip() in ("", "default"):
@@ -291,7 +310,8 @@ def write_results(out, device, bandwidth, matmul_rate, rows):
         op="ssd_chunk_scan", device=device, date=datetime.date.today().isoformat(),
         jax=jax.__version__, triton=triton.__version__, torch=torch.__version__,
         copy_bandwidth_Bps=bandwidth, bf16_matmul_flops=matmul_rate,
-        timer="wall clock over back-to-back calls + sync, median; runs of >= 20 ms (at least 10 calls) unless fixed", rows=rows)
+        timer=("wall clock over back-to-back calls + sync, median; runs of >= 20 ms (at least "
+               "10 calls) unless fixed"), rows=rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = "ssd_" + device.replace(" ", "_").replace("/", "_") + ".json"
@@ -346,16 +366,7 @@ def main():
         picked = [SHAPES[int(i)] for i in args.shapes.split(",")]
     for shape in picked:
         b, l, h, p, g, n, q = shape
-        torch.manual_seed(0)
-        dev = dict(device="cuda")
-        tx = torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev)
-        tdt = torch.randn(b, l, h, dtype=torch.float32, **dev) - 1.0
-        tA = -torch.rand(h, dtype=torch.float32, **dev) * 4 - 0.5
-        tB = torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev)
-        tC = torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev)
-        tD = torch.randn(h, dtype=torch.float32, **dev)
-        tbias = torch.randn(h, dtype=torch.float32, **dev) - 1.0
-        tdy = torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev)
+        tx, tdt, tA, tB, tC, tD, tbias, tdy = torch_inputs(shape).values()
         x, dt, A, B, C, D, bias, dy = (jnp.from_dlpack(t) for t in (tx, tdt, tA, tB, tC, tD, tbias, tdy))
 
         def theirs():

@@ -28,24 +28,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import SHAPES, config_fields  # noqa: E402
-
-
-def torch_inputs(shape):
-    import torch
-
-    b, l, h, p, g, n, _ = shape
-    torch.manual_seed(0)
-    dev = dict(device="cuda")
-    return dict(
-        x=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev),
-        dt=torch.randn(b, l, h, dtype=torch.float32, **dev) - 1.0,
-        A=-torch.rand(h, dtype=torch.float32, **dev) * 4 - 0.5,
-        B=torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev),
-        C=torch.randn(b, l, g, n, dtype=torch.bfloat16, **dev),
-        D=torch.randn(h, dtype=torch.float32, **dev),
-        dt_bias=torch.randn(h, dtype=torch.float32, **dev) - 1.0,
-        dy=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev))
+from bench_kernels import SHAPES, config_fields, torch_inputs  # noqa: E402
 
 
 def kernel_table(totals_ns: dict, iters: int):

@@ -61,12 +61,13 @@ def test_timer_runs_last_long_enough_to_amortize_the_first_launch():
 
 
 @pytest.mark.parametrize("decays", ["pallas", "fused"])
-def test_forward_breakdown_runs_each_decays_path(decays):
-    """bench_kernels.breakdown (interpret mode): every stage of our forward timed alone."""
+def test_breakdowns_run_each_decays_path(decays):
+    """bench_kernels.breakdown / backward_breakdown (interpret mode): every stage of our forward
+    and backward timed alone ("fused" leaves the backward its own decay terms)."""
     import jax
     import jax.numpy as jnp
 
-    from bench_kernels import breakdown
+    from bench_kernels import backward_breakdown, breakdown
     from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig
 
     k = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -74,8 +75,10 @@ def test_forward_breakdown_runs_each_decays_path(decays):
     x, dt = jax.random.normal(k[0], (b, l, h, p)), jax.random.normal(k[1], (b, l, h))
     B, C = jax.random.normal(k[2], (b, l, g, n)), jax.random.normal(k[3], (b, l, g, n))
     cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, decays=decays, block_k=16,
-                          block_m=16, block_n=16)
+                          block_m=16, block_n=16, bwd_block_m=16, bwd_dx_block_n=16)
     sync = lambda o: jax.block_until_ready(o) if o is not None else None
-    out = breakdown(cfg, x, dt, -jnp.ones(h), B, C, jnp.ones(h), jnp.zeros(h), sync,
-                    interpret=True)
+    args = (cfg, x, dt, -jnp.ones(h), B, C, jnp.ones(h), jnp.zeros(h))
+    out = breakdown(*args, sync, interpret=True)
     assert set(out) == {"prologue", "states", "outputs"} and min(out.values()) > 0
+    out = backward_breakdown(*args, jax.random.normal(k[0], x.shape), sync, interpret=True)
+    assert set(out) == {"backward", "gradient_states", "dx_dB", "dC"} and min(out.values()) > 0

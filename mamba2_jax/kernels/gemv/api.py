@@ -2,8 +2,9 @@
 
 x [m, K] (or [..., K]: leading axes are flattened into m and restored), w [K, N] in the
 Flax orientation ([in, out], row-major) or, with ``w_layout="out_in"``, [N, K] (a tied
-embedding matrix [vocab, d] as the LM head: ``x @ w.T``), bias [N] or None. x and w share one float dtype
-(bfloat16, float16 or float32); products accumulate in float32; the output is in ``x.dtype``.
+embedding matrix [vocab, d] as the LM head: ``x @ w.T``), bias [N] or None. x and w share one
+float dtype (bfloat16, float16 or float32); products accumulate in float32; the output is in
+``x.dtype`` (or ``out_dtype``).
 This matches ``nnx.Linear`` (``dot_general`` in the param dtype, float32 accumulation on GPU)
 within one rounding of the output.
 

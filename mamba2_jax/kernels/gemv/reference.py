@@ -1,8 +1,8 @@
 """XLA reference of the small-batch GEMV: ``out = x @ w (+ bias)``.
 
-x [m, K] and w [K, N] (or [N, K] with ``w_layout="out_in"``) share one float dtype; the product accumulates in float32
-(``preferred_element_type``), the bias is added in float32, and the result is cast to
-``x.dtype``.
+x [m, K] and w [K, N] (or [N, K] with ``w_layout="out_in"``) share one float dtype; the
+product accumulates in float32 (``preferred_element_type``), the bias is added in float32, and
+the result is cast to ``x.dtype`` (or ``out_dtype``).
 """
 
 from __future__ import annotations

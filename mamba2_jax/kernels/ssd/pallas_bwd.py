@@ -48,10 +48,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mamba2_jax.kernels.ssd.pallas_fwd import (_causal_decay, _dot, _entering_state,
-                                              DECAYS_LAUNCH, _last_of_sequence, decays_for,
-                                              launcher,
-                                              local_states, operand_dtype, step_size)
+from mamba2_jax.kernels.ssd.pallas_fwd import (DECAYS_LAUNCH, _causal_decay, _dot,
+                                              _entering_state, _last_of_sequence, decays_for,
+                                              launcher, local_states, operand_dtype, step_size)
 
 
 def _reverse_pass_kernel(K_ref, dfinal_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,
@@ -197,8 +196,12 @@ def _gate_backward(dy, x, D, z, y_pre, with_dD=True):
         dyf = dyf * zf * sig
     if not with_dD:
         return dyf, dz, None
-    dD = jnp.sum(dyf * x.astype(f32), axis=(0, 1))
-    return dyf, dz, jnp.sum(dD, axis=-1) if D.ndim == 1 else dD
+    return dyf, dz, _dD_like(jnp.sum(dyf * x.astype(f32), axis=(0, 1)), D)
+
+
+def _dD_like(per_channel, D):
+    """dD in D's shape from its per-channel sums [h, p] (summed over p when D is [h])."""
+    return jnp.sum(per_channel, axis=-1) if D.ndim == 1 else per_channel
 
 
 def _first_chunk_gradient(K, G, total, is_first, init_index, m):
@@ -322,8 +325,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     dx, dB, ddt, colsum, rowsum, T, *dD_parts = dx_dB(x, B, C, dY, dec, G, D,
                                                       block_n=dx_block_n, with_dD=fuse, **blocks)
     if fuse:
-        dD = jnp.sum(dD_parts[0], axis=(0, 1, 2))
-        dD = jnp.sum(dD, axis=-1) if D.ndim == 1 else dD
+        dD = _dD_like(jnp.sum(dD_parts[0], axis=(0, 1, 2)), D)
     dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, block_n=dc_block_n,
                             **blocks)
 

@@ -30,6 +30,7 @@ changes no result), float32 accumulation and states, ``y`` in ``x.dtype``.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -235,23 +236,6 @@ def local_states(x, B, w, *, chunk_size, block_k=32, block_p=None, num_warps=4, 
         grid=(h, p // bp, b * c), name="ssd_chunk_state")(x, B, w)
 
 
-def chunk_states(x, B, dec: Decays, is_first, init_index, h0, *, chunk_size, block_k=32,
-                 block_p=None, pass_block_p=None, full_states=True, num_warps=4, num_stages=3,
-                 interpret=False):
-    """The states leaving every chunk and each sequence's final state (kernels 1 + 1b).
-
-    Returns ``(end, final)``: ``end [b, c, h, p, n]`` in float32 with ``full_states``, else in
-    the matmul operand dtype of x (all the output kernel reads); ``final`` [m, h, p, n] float32
-    (h0's leading size m; a sequence with no chunk keeps an unwritten row). ``pass_block_p``:
-    head-dim rows per program of the state pass (None: all p).
-    """
-    launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    loc = local_states(x, B, dec.w, chunk_size=chunk_size, block_k=block_k, block_p=block_p,
-                       **launch)
-    return state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
-                      pass_block_p=pass_block_p, full_states=full_states, **launch)
-
-
 def local_states_with_decays(x, B, dt, A, *, chunk_size, block_k=32, block_p=None,
                              num_warps=4, num_stages=3, interpret=False):
     """``local_states`` with the decay terms formed in the same kernel (``decays="fused"``):
@@ -273,8 +257,14 @@ def local_states_with_decays(x, B, dt, A, *, chunk_size, block_k=32, block_p=Non
 
 def state_pass(loc, total, is_first, init_index, h0, dtype, *, pass_block_p=None,
                full_states=True, num_warps=4, num_stages=3, interpret=False):
-    """Kernel 1b: (end, final) of :func:`chunk_states` from the chunks' own states ``loc``
-    and decays ``total``; ``dtype``: the inputs' (the end states' copy dtype)."""
+    """Kernel 1b: the states leaving every chunk and each sequence's final state, from the
+    chunks' own states ``loc`` and decays ``total``.
+
+    Returns ``(end, final)``: ``end [b, c, h, p, n]`` in float32 with ``full_states``, else in
+    the matmul operand dtype of ``dtype`` (the inputs'; all the output kernel reads); ``final``
+    [m, h, p, n] float32 (h0's leading size m; a sequence with no chunk keeps an unwritten row).
+    ``pass_block_p``: head-dim rows per program (None: all p).
+    """
     b, c, h, p, n = loc.shape
     pp = step_size(pass_block_p, p)
     end_dtype = jnp.float32 if full_states else operand_dtype(dtype)
@@ -331,7 +321,7 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     end states [b, c, h, p, n], final states [m, h, p, n] float32), and with
     ``return_pre_gate`` y before the gate as a fourth, with ``return_decays`` the decay terms
     (:class:`Decays`) last (the backward reuses them). ``full_states``: end states in float32
-    (else in the operand dtype: see :func:`chunk_states`); ``pass_block_p``: head-dim rows per
+    (else in the operand dtype: see :func:`state_pass`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
     ``decays``: the decay terms from their Pallas kernel ("pallas"), from XLA ("xla"), or
@@ -346,13 +336,12 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     if decays == "fused":
         loc, dec = local_states_with_decays(x, B, dt, A, chunk_size=q, block_k=block_k,
                                             block_p=block_p, **launch)
-        end, final = state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
-                                pass_block_p=pass_block_p, full_states=full_states, **launch)
     else:
         dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
-        end, final = chunk_states(x, B, dec, is_first, init_index, h0, chunk_size=q,
-                                  block_k=block_k, block_p=block_p, pass_block_p=pass_block_p,
-                                  full_states=full_states, **launch)
+        loc = local_states(x, B, dec.w, chunk_size=q, block_k=block_k, block_p=block_p,
+                           **launch)
+    end, final = state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
+                            pass_block_p=pass_block_p, full_states=full_states, **launch)
     out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
                         block_m=block_m, block_n=block_n, row_blocks=row_blocks,
                         return_pre_gate=return_pre_gate, **out_launch)
