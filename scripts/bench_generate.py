@@ -238,6 +238,10 @@ def main():
         else:
             results[variant] = dict(json.loads(lines[-1][7:]), xla_flags=env["XLA_FLAGS"])
         print(variant, json.dumps(results[variant])[:600], flush=True)
+        write_results(args, results)  # after every variant: a later one may not finish
+
+
+def write_results(args, results):
     device = next((r["device"] for r in results.values() if "device" in r), "unknown")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -213,7 +213,8 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
         pass_block_p=cfg.pass_block_p, **launch))
     _, G, _ = states(dy, dec, end, dfinal)
     dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D,
-                                               block_n=cfg.bwd_dx_block_n, **blocks))
+                                               block_n=cfg.bwd_dx_block_n,
+                                               with_dD=cfg.bwd_fused_dD, **blocks))
     dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
                                                      block_n=cfg.bwd_dc_block_n, **blocks))
     return dict(

@@ -34,6 +34,8 @@ from jax.sharding import PartitionSpec as P
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
+from mamba2_jax.kernels.gemv import gemv
+from mamba2_jax.kernels.gemv.api import MAX_AUTO_ROWS
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
@@ -132,10 +134,26 @@ class MambaMixer2(nnx.Module):
 
     # -- pieces shared by prefill and decode -------------------------------------------------
 
-    def _project(self, u, mup_vector):
-        """``u [.., d]`` -> z ``[.., tp, i_l]``, xBC ``[.., tp, conv_dim_local]``, dt ``[.., tp, h_l]``."""
+    def _linear(self, lin, x, impl, *, auto_kernel):
+        """``lin(x)``; in a decode step (``impl`` given, at most gemv's MAX_AUTO_ROWS rows, no
+        mesh) through the Pallas GEMV when ``impl`` asks for the kernels, or when it is "auto" on
+        a GPU and ``auto_kernel``: where the kernel was measured faster than XLA (H200, bf16,
+        batch 1, the 2.7B shapes: in_proj 20.0-21.2 us against 39.7-42.0; out_proj a toss-up,
+        10.9-11.9 against 8.6-11.1, so XLA keeps it)."""
+        rows = math.prod(x.shape[:-1])
+        kernel = impl in ("pallas", "interpret") or (
+            impl == "auto" and auto_kernel and jax.default_backend() == "gpu")
+        if impl is None or not kernel or self.plan.mesh is not None or rows > MAX_AUTO_ROWS:
+            return lin(x)
+        w = lin.kernel[...]
+        bias = None if lin.bias is None else lin.bias[...]
+        return gemv(x.astype(w.dtype), w, bias, **op_kwargs(impl))
+
+    def _project(self, u, mup_vector, impl=None):
+        """``u [.., d]`` -> z ``[.., tp, i_l]``, xBC ``[.., tp, conv_dim_local]``, dt ``[.., tp, h_l]``
+        (``impl``: a decode step's, see ``_linear``)."""
         local = self.plan.local
-        zxbcdt = self.in_proj(u)
+        zxbcdt = self._linear(self.in_proj, u, impl, auto_kernel=True)
         if mup_vector is not None:
             mup = jnp.asarray(mup_vector)
             zxbcdt = zxbcdt * (mup if self.plan.tp == 1 else jnp.take(mup, self.plan.in_proj_rows))
@@ -167,11 +185,13 @@ class MambaMixer2(nnx.Module):
         C = xbc[..., hp + gn:].reshape(*lead, groups, c.state_size)
         return x, B, C
 
-    def _finish(self, y, z, *batch_seq):
-        """Gated norm + out_proj on ``y``, ``z [.., i]`` laid out (batch_seq.., "tensor")."""
+    def _finish(self, y, z, *batch_seq, impl=None):
+        """Gated norm + out_proj on ``y``, ``z [.., i]`` laid out (batch_seq.., "tensor")
+        (``impl``: a decode step's, see ``_linear``)."""
         y = self.plan.constrain(y, *batch_seq, "tensor")
         z = self.plan.constrain(z, *batch_seq, "tensor")
-        return self.plan.constrain(self.out_proj(self.norm(y, z)), *batch_seq, None)
+        out = self._linear(self.out_proj, self.norm(y, z), impl, auto_kernel=False)
+        return self.plan.constrain(out, *batch_seq, None)
 
     # -- per-device work (inside shard_map) --------------------------------------------------------
 
@@ -275,7 +295,7 @@ class MambaMixer2(nnx.Module):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""
         c, plan, local = self.config, self.plan, self.plan.local
         b, tp = u.shape[0], plan.tp
-        z, xbc, dt = self._project(u, mup_vector)
+        z, xbc, dt = self._project(u, mup_vector, impl)
         args = dict(xbc=xbc, dt=dt, **self._conv_params(lambda a: a),
                     **self._head_params((tp, local.heads)),
                     conv_state=state.conv.reshape(b, tp, local.conv_dim_local, -1),
@@ -291,6 +311,6 @@ class MambaMixer2(nnx.Module):
                               dict(y=P(bx, "tensor", None, None), conv=specs["conv_state"],
                                    ssm=specs["ssm_state"]))
         i = c.intermediate_size
-        result = self._finish(out["y"].reshape(b, i), z.reshape(b, i), bx)
+        result = self._finish(out["y"].reshape(b, i), z.reshape(b, i), bx, impl=impl)
         return result, MixerState(out["conv"].reshape(state.conv.shape),
                                   out["ssm"].reshape(state.ssm.shape))

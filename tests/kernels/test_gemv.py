@@ -46,12 +46,14 @@ def check(out, x, w, b):
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [BF16, F32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference_and_numpy(m, dtype, bias):
+@pytest.mark.parametrize("method", ["fma", "dot"])
+def test_matches_reference_and_numpy(m, dtype, bias, method):
     """Ragged K and N, several column blocks and K slabs, the last of each masked."""
     K, N = 100, 70
     x, w, b = inputs(m + 10 * bias, m, K, N, dtype, bias)
-    out = gemv(x, w, b, impl="pallas", interpret=not ON_GPU, block_n=32, block_k=16, splits=3)
-    p = plan(m, K, N, block_n=32, block_k=16, splits=3)
+    out = gemv(x, w, b, impl="pallas", interpret=not ON_GPU, block_n=32, block_k=16, splits=3,
+               method=method)
+    p = plan(m, K, N, block_n=32, block_k=16, splits=3, method=method)
     assert p["grid"] == (3, 3) and p["S"] * p["ks"] > K  # ragged: 3 slabs of 2 tiles of 16
     check(out, x, w, b)
 
@@ -66,7 +68,7 @@ def test_default_config(m, K, N, dtype):
 @pytest.mark.parametrize("m,dtype,blocks", [(12, F32, {}), (3, BF16, dict(method="dot")),
                                             (16, BF16, dict(block_n=16, block_k=32))])
 def test_dot_method(m, dtype, blocks):
-    """m > 8 (or method='dot'): x padded to 16 rows in registers, tensor-core dot."""
+    """The default method: x padded to 16 rows in registers, tensor-core dot."""
     K, N = 96, 40
     assert plan(m, K, N, **blocks)["method"] == "dot"
     x, w, b = inputs(m, m, K, N, dtype)
@@ -113,9 +115,9 @@ def test_default_plans_for_real_sizes():
             assert p["grid"] == (-(-N // bn), S)
             assert p["grid"][0] * S >= PROGRAMS_PER_SM * SM_COUNT  # enough programs per SM
             assert S * p["ks"] >= K > (S - 1) * p["ks"]  # covers K, no empty slab
-            assert p["method"] == ("fma" if m <= 8 else "dot")
-            if p["method"] == "fma":
-                assert p["mp"] * bk * bn <= 8192  # accumulator register budget
+            assert p["method"] == "dot" and p["mp"] == 16
+            fma = plan(m, K, N, method="fma")
+            assert fma["mp"] * fma["bk"] * fma["bn"] <= 8192  # accumulator register budget
     # The 2.7b in_proj at batch 1: 83 column blocks (the last masked) x 8 exact slabs of 320.
     assert default_config(1, 2560, 10576) == (128, 64, 8)
     assert plan(1, 2560, 10576)["grid"] == (83, 8)
@@ -180,6 +182,8 @@ def test_empty_input_falls_back_to_the_reference(caplog):
     (12, 5120, 2560, BF16, {}),  # dot method
     (3, 1000, 333, F32, {}),  # ragged everything, fp32
     (1, 2560, 10576, BF16, dict(block_n=256, block_k=32, splits=5)),  # ragged slabs
+    (1, 2560, 10576, BF16, dict(method="fma")),
+    (3, 1000, 333, F32, dict(method="fma")),
 ])
 def test_kernel_lowers_for_cuda(m, K, N, dtype, kw):
     S = jax.ShapeDtypeStruct
@@ -205,7 +209,8 @@ def test_gpu_real_sizes(m, K, N):
 
 @pytest.mark.parametrize("m,dtype,kw", [
     (1, BF16, dict(block_n=32, block_k=16, splits=3)),  # ragged K and N, split K
-    (3, F32, dict(block_n=16, block_k=32)),
+    (1, BF16, dict(block_n=32, block_k=16, splits=3, method="fma")),
+    (3, F32, dict(block_n=16, block_k=32, method="fma")),
     (12, BF16, {}),  # dot method
     (5, F32, dict(method="dot", block_n=16, block_k=16, splits=2)),
     (2, BF16, {}),
@@ -243,7 +248,8 @@ def test_out_in_layout_validation():
 
 
 @pytest.mark.parametrize("m,dtype,kw", [(1, BF16, {}), (4, BF16, {}), (16, BF16, {}),
-                                        (1, BF16, dict(block_n=64, block_k=128))])
+                                        (1, BF16, dict(block_n=64, block_k=128)),
+                                        (2, BF16, dict(method="fma"))])
 def test_out_in_kernel_lowers_for_cuda(m, dtype, kw):
     K, N = 2560, 50280  # the 2.7b tied LM head
     S = jax.ShapeDtypeStruct
@@ -261,3 +267,63 @@ def test_gpu_out_in_lm_head_size(m):
     x, w, _ = inputs(m, m, K, N, BF16, bias=False)
     out = gemv(x, jnp.asarray(w.T), w_layout="out_in", impl="pallas")
     assert rel(out, numpy_gemv(x, w, None)) < 8e-3
+
+
+# ---- the K slabs summed in the kernel (reduce="atomic") ---------------------------------------
+
+@pytest.mark.parametrize("m,dtype,kw", [
+    (1, BF16, dict(block_n=32, block_k=16, splits=3)),  # ragged K and N, 3 slabs
+    (3, F32, dict(block_n=32, block_k=16, splits=3, method="fma")),
+    (5, F32, dict(block_n=16, block_k=16, splits=4)),
+    (2, BF16, {}),
+])
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_atomic_reduce_matches_reference_and_numpy(m, dtype, kw, layout):
+    K, N = 100, 70
+    x, w, b = inputs(m + 60, m, K, N, dtype)
+    wl = jnp.asarray(w.T) if layout == "out_in" else w
+    out = gemv(x, wl, b, w_layout=layout, reduce="atomic", impl="pallas",
+               interpret=not ON_GPU, **kw)
+    check(out, x, w, b)
+    partials = gemv(x, wl, b, w_layout=layout, impl="pallas", interpret=not ON_GPU, **kw)
+    f32 = gemv(x, wl, b, w_layout=layout, reduce="atomic", out_dtype=F32, impl="pallas",
+               interpret=not ON_GPU, **kw)
+    assert rel(f32, numpy_gemv(x, w, b)) < 1e-5  # the float32 sum, before the output rounding
+    assert rel(out, partials) < (1e-6 if dtype == F32 else 8e-3)
+
+
+@pytest.mark.parametrize("m,K,N,layout", [(1, 2560, 10576, "in_out"), (4, 5120, 2560, "in_out"),
+                                          (16, 5120, 2560, "in_out"), (1, 2560, 50280, "out_in")])
+def test_atomic_reduce_lowers_for_cuda_with_the_buffer_aliased(m, K, N, layout):
+    S = jax.ShapeDtypeStruct
+    fn = functools.partial(gemv_pallas, w_layout=layout, reduce="atomic")
+    w = S((N, K) if layout == "out_in" else (K, N), BF16)
+    text = (jax.jit(fn).trace(S((m, K), BF16), w).lower(lowering_platforms=("cuda",)).as_text())
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "output_operand_alias<output_tuple_indices = [], operand_index = 2" in text
+
+
+def test_reduce_validation():
+    x, w, _ = inputs(0, 1, 32, 48, F32, bias=False)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        gemv(x, w, reduce="tree", impl="pallas", interpret=True)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", REAL[:2])
+@pytest.mark.parametrize("m", [1, 4])
+def test_gpu_atomic_reduce_real_sizes(m, K, N):
+    x, w, b = inputs(m + K + 1, m, K, N, BF16)
+    out = gemv(x, w, b, impl="pallas", reduce="atomic")
+    assert rel(out, numpy_gemv(x, w, None if b is None else b)) < 8e-3
+
+
+@pytest.mark.parametrize("m,method", [(4, "fma"), (16, "dot")])
+def test_atomic_reduce_of_unpadded_rows(m, method):
+    """m a power of two (16 for "dot"): the whole [m, bn] block added at once."""
+    x, w, b = inputs(m + 70, m, 80, 40, F32)
+    assert plan(m, 80, 40, method=method)["mp"] == m
+    out = gemv(x, w, b, reduce="atomic", method=method, block_n=16, block_k=16, splits=2,
+               impl="pallas", interpret=not ON_GPU)
+    check(out, x, w, b)

@@ -120,3 +120,33 @@ def test_decode_step_lm_head_through_the_gemv_kernel(tied):
     head = lambda h, impl: model._logits(h, head_impl=impl)
     assert "pallas_call" in str(jax.make_jaxpr(lambda h: head(h, "interpret"))(h))
     assert "pallas_call" not in str(jax.make_jaxpr(lambda h: head(h, "auto"))(h))
+
+
+def test_decode_step_projections_through_the_gemv_kernel(monkeypatch):
+    """impl="interpret": in_proj and out_proj through the Pallas GEMV, equal to XLA's; "auto"
+    takes the kernel for in_proj only, and only on a GPU; prefill never."""
+    model = random_model(9, use_bias=True)
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, 64, (3, 6)))
+    _, state = model.prefill(ids[:, :5])
+    want, _ = model.decode_step(ids[:, 5], state, impl="xla")
+    got, _ = model.decode_step(ids[:, 5], state, impl="interpret")
+    assert rel(got, want) < 1e-4
+    mixer = model.backbone.layers[0].mixer
+    u = jnp.asarray(np.random.default_rng(10).standard_normal((3, 32)), jnp.float32)
+    y = jnp.asarray(np.random.default_rng(11).standard_normal((3, mixer.config.intermediate_size)),
+                    jnp.float32)
+
+    def launches(impl, rows=3):  # GEMV launches in the step's in_proj and out_proj
+        def count(lin, x, auto_kernel):
+            f = lambda x: mixer._linear(lin, x, impl, auto_kernel=auto_kernel)
+            return str(jax.make_jaxpr(f)(x[:1].repeat(rows, 0))).count("pallas_call")
+        return count(mixer.in_proj, u, True), count(mixer.out_proj, y, False)
+
+    assert launches("interpret") == (1, 1) and launches("xla") == (0, 0)
+    assert launches("interpret", rows=17) == (0, 0)  # past MAX_AUTO_ROWS: XLA
+    assert launches(None) == (0, 0)  # prefill
+    assert launches("auto") == (0, 0)  # on the CPU
+    np.testing.assert_allclose(mixer._linear(mixer.in_proj, u, "interpret", auto_kernel=True),
+                               mixer.in_proj(u), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what "auto" picks on a GPU
+    assert launches("auto") == (1, 0)

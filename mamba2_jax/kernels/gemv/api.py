@@ -11,8 +11,10 @@ within one rounding of the output.
 Backends: ``impl="pallas"`` is the split-K Triton kernel (``pallas_gemv.py``), made for small
 m, where XLA's GEMV does not reach the memory bandwidth; ``impl="xla"`` is ``reference.py``.
 ``impl="auto"`` takes the kernel on a GPU when ``m <= MAX_AUTO_ROWS`` (16), XLA otherwise.
-``block_n`` / ``block_k`` / ``splits`` (and ``method``, ``num_warps``, ``num_stages``) override
-the kernel's launch parameters (for sweeps); they are ignored by XLA.
+``block_n`` / ``block_k`` / ``splits`` (and ``method``, ``reduce``, ``num_warps``,
+``num_stages``) override the kernel's launch parameters (for sweeps); they are ignored by XLA.
+``reduce="atomic"`` sums the K slabs in the kernel with float atomics (not bit-reproducible
+from run to run; see ``pallas_gemv``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import resolve_impl
-from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, SM_COUNT,
-                                                 check_layout, gemv_pallas)
+from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, REDUCES,
+                                                 SM_COUNT, check_layout, gemv_pallas)
 from mamba2_jax.kernels.gemv.reference import gemv_ref
 
 MAX_AUTO_ROWS = 16
@@ -46,7 +48,7 @@ def _check_block(name, v):
 
 def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str = "auto",
          interpret: bool = False, block_n=None, block_k=None, splits=None, method=None,
-         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
+         reduce: str = "partials", num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
     """``x @ w (+ bias)`` with float32 accumulation, in ``out_dtype`` (None: x.dtype; float32
     keeps the accumulator's precision, e.g. for logits); see the module docstring.
     ``w_layout="out_in"``: w is [N, K] and the product is ``x @ w.T``."""
@@ -81,6 +83,8 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
                          f"{out_dtype}")
     if method is not None and method not in METHODS:
         raise ValueError(f"{op}: method must be one of {METHODS} or None, got {method!r}")
+    if reduce not in REDUCES:
+        raise ValueError(f"{op}: reduce must be one of {REDUCES}, got {reduce!r}")
     if method == "dot" and any(v is not None and v < 16 for v in (block_n, block_k)):
         raise ValueError(f"{op}: method='dot' needs block_n and block_k >= 16")
 
@@ -98,7 +102,7 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
     if backend == "xla":
         return gemv_ref(x, w, bias, w_layout=w_layout, out_dtype=out_dtype)
     out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
-                      method=method, w_layout=w_layout,
+                      method=method, w_layout=w_layout, reduce=reduce,
                       out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
                       num_warps=num_warps, num_stages=num_stages, sm_count=_sm_count(),
                       interpret=interpret)

@@ -10,28 +10,39 @@ Grid (cdiv(N, bn), S): program (j, s) owns columns ``j*bn : (j+1)*bn`` and the K
 ``s*ks : (s+1)*ks`` (``ks`` a multiple of ``bk``). It walks the slab in ``bk``-row tiles
 (``lax.fori_loop`` when there is more than one); each tile row is ``bn`` contiguous elements
 of ``w`` (coalesced), the matching ``x`` tile ``[mp, bk]`` is loaded once per k-tile (it is tiny
-and stays in L2). It writes its float32 partial sums ``[m, bn]`` into ``partials[s]``; an XLA
-``sum(axis=0)`` (+ bias, cast to ``x.dtype``) finishes, ``S * m * N * 4`` bytes of extra
-traffic (0.6% of the weight bytes for m=1, K=2560, N=10576, S=8).
+and stays in L2). Two ways to sum the slabs (``reduce``):
+
+* ``"partials"`` (the default): each program writes its float32 partial sums ``[m, bn]`` into
+  ``partials[s]``; an XLA ``sum(axis=0)`` (+ bias, cast to ``x.dtype``) finishes: a second
+  launch, and ``S * m * N * 4`` bytes of extra traffic (0.6% of the weight bytes for m=1,
+  K=2560, N=10576, S=8).
+* ``"atomic"``: each program adds its rows into one float32 ``[m, cdiv(N, bn) * bn]`` buffer
+  with ``atomic_add`` (the zeroed buffer donated to the call through ``input_output_aliases``;
+  no second kernel, the slice, bias and cast left to XLA to fuse into the consumers). Float
+  atomics add in whatever order the programs finish, so the low bits of the result can differ
+  from run to run (the partials path is deterministic). Not yet timed on a GPU.
 
 Two ways to combine a tile (``method``):
 
-* ``"fma"`` (m <= 8 by default): ``acc[mp, bk, bn] += x[:, :, None] * w[None, :, :]`` in
+* ``"fma"``: ``acc[mp, bk, bn] += x[:, :, None] * w[None, :, :]`` in
   float32, elementwise (no tensor cores: m is below the 16 rows ``tl.dot`` wants); the sum over
   the ``bk`` axis is deferred to one reduction after the loop, so the loop body has no
   cross-thread traffic. The accumulator costs ``mp * bk * bn`` float32 registers per program,
   so the default ``bk`` shrinks as m grows (``ACC_BUDGET``).
-* ``"dot"`` (m > 8 by default): ``acc[mp, bn] += dot(x[mp, bk], w[bk, bn])`` with ``mp >= 16``
+* ``"dot"`` (the default): ``acc[mp, bn] += dot(x[mp, bk], w[bk, bn])`` with ``mp >= 16``
   (rows beyond m load as zeros), float32 accumulation on the tensor cores; float32 inputs use
-  ``precision=HIGHEST`` (no TF32).
+  ``precision=HIGHEST`` (no TF32). The default at every m: in an H200 sweep (bf16, best
+  config of each) it beat "fma" on in_proj 2560x10576 (m = 1: 20.0 vs 21.7 us; m = 4: 22.0 vs
+  38.6) and the LM head 50280x2560 (70.1 vs 84.3 at m = 1), and out_proj 5120x2560 at m = 4;
+  on out_proj at m = 1 "fma" was 0.8 us ahead (11.1 vs 11.9).
 
 ``mp`` is ``next_pow2(m)`` (at least 16 for ``"dot"``): Triton needs power-of-two arrays, so
 x rows ``>= m`` are masked loads of zero and never stored. Ragged shapes are masked, nothing is
 padded in memory: a last column block past N (10576 = 82.6 * 128) masks its ``w`` columns and
 its stores, a last K slab past K masks its ``w`` rows and ``x`` columns.
 
-Defaults (``default_config``): ``bn = 128`` (64 for m > 2 with ``"fma"``), ``bk`` from the
-accumulator budget (64 for m = 1), and ``S`` the smallest divisor of the number of k-tiles that
+Defaults (``default_config``): ``bn = 128`` and ``bk = 64`` (``"fma"``: ``bn`` 64 for m > 2 and
+``bk`` from the accumulator budget), and ``S`` the smallest divisor of the number of k-tiles that
 gives at least ``PROGRAMS_PER_SM * sm_count`` programs (4 x 132 on an H100), so that every SM
 has several programs streaming at once; without such a divisor, ``S = cdiv(target, nb)`` and the
 last slab is masked.
@@ -59,6 +70,7 @@ MAX_BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 METHODS = ("fma", "dot")
+REDUCES = ("partials", "atomic")  # how the K slabs are summed (see the module docstring)
 W_LAYOUTS = ("in_out", "out_in")  # w [K, N] (Flax kernels), or [N, K] (e.g. a tied embedding)
 
 
@@ -74,7 +86,9 @@ def check_layout(w_layout: str) -> bool:
 
 
 def default_method(m: int) -> str:
-    return "fma" if m <= 8 else "dot"
+    """The tile combination of the default plan: "dot" at every m (see the module docstring)."""
+    del m
+    return "dot"
 
 
 def padded_rows(m: int, method: str) -> int:
@@ -129,8 +143,9 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
                 grid=(_cdiv(N, bn), S))
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
-                 precision, out_in):
+def _gemv_kernel(x_ref, w_ref, *refs, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
+                 precision, out_in, atomic):
+    o_ref = refs[-1]  # partials [S, m, N], or (atomic) the zeroed sum [m, Np] after its alias
     j, s = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(j * bn, bn)
     ragged_n = N % bn != 0
@@ -185,6 +200,13 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, r
     acc = tile(0, acc) if n_k == 1 else jax.lax.fori_loop(0, n_k, tile, acc)
     if method == "fma":  # the one cross-thread reduction, after the loop
         acc = jnp.sum(acc, axis=2 if out_in else 1)
+    if atomic:  # no masks: the buffer's columns are padded to whole blocks
+        if mp == m:
+            plt.atomic_add(o_ref, (pl.ds(0, m), pl.ds(n0, bn)), acc)
+        for r in range(m if mp != m else 0):  # row by row (a masked sum picks row r:
+            row = jnp.sum(jnp.where(rows[:, None] == r, acc, 0.0), axis=0)  # no static slice)
+            plt.atomic_add(o_ref, (pl.ds(r, 1), pl.ds(n0, bn)), row[None, :])
+        return
     out = o_ref.at[s, pl.ds(0, mp), pl.ds(n0, bn)]
     if mp != m or ragged_n:
         omask = (jnp.broadcast_to((rows < m)[:, None], (mp, bn))
@@ -194,34 +216,41 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, r
         out[...] = acc
 
 
-def gemv_partials(x, w, *, p, w_layout="in_out", num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-                  interpret=False):
+def gemv_partials(x, w, *, p, w_layout="in_out", reduce="partials", num_warps=NUM_WARPS,
+                  num_stages=NUM_STAGES, interpret=False):
     """The float32 split-K partial products ``[S, m, N]`` of ``x [m, K] @ w`` (w [K, N], or
     [N, K] with ``w_layout="out_in"``) for the launch plan ``p`` (from ``plan``); their sum
-    over axis 0 is the product."""
+    over axis 0 is the product. ``reduce="atomic"``: that sum itself, ``[1, m, N]``, added up in
+    the kernel (see the module docstring)."""
     m, K = x.shape
     out_in = check_layout(w_layout)
+    if reduce not in REDUCES:
+        raise ValueError(f"gemv: reduce must be one of {REDUCES}, got {reduce!r}")
+    atomic = reduce == "atomic"
     N = w.shape[0] if out_in else w.shape[1]
     precision = (jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None)
     kernel = functools.partial(
         _gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
         n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision,
-        out_in=out_in)
-    return pl.pallas_call(
+        out_in=out_in, atomic=atomic)
+    padded = (m, p["grid"][0] * p["bn"])  # the atomic sum: whole column blocks
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32),
-        grid=p["grid"],
+        out_shape=jax.ShapeDtypeStruct(padded if atomic else (p["S"], m, N), jnp.float32),
+        grid=p["grid"], input_output_aliases={2: 0} if atomic else {},
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="gemv_splitk",
-    )(x, w)
+    )(x, w, *((jnp.zeros(padded, jnp.float32),) if atomic else ()))
+    return out[None, :, :N] if atomic else out
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",
-                                             "w_layout", "out_dtype", "num_warps", "num_stages",
-                                             "sm_count", "interpret"))
+                                             "w_layout", "out_dtype", "reduce", "num_warps",
+                                             "num_stages", "sm_count", "interpret"))
 def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, method=None,
-                w_layout: str = "in_out", out_dtype=None, num_warps: int = NUM_WARPS,
-                num_stages: int = NUM_STAGES, sm_count: int = SM_COUNT, interpret: bool = False):
+                w_layout: str = "in_out", out_dtype=None, reduce: str = "partials",
+                num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+                sm_count: int = SM_COUNT, interpret: bool = False):
     """``x [m, K] @ w (+ bias [N])`` in ``out_dtype`` (None: ``x.dtype``; w [K, N], or [N, K]
     with ``w_layout="out_in"``): the kernel's partials, summed (and the bias added) in float32
     by XLA. Shapes and dtypes are the caller's to check (``api.gemv`` does)."""
@@ -229,8 +258,9 @@ def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, met
     N = w.shape[0] if check_layout(w_layout) else w.shape[1]
     p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
              sm_count=sm_count)
-    out = jnp.sum(gemv_partials(x, w, p=p, w_layout=w_layout, num_warps=num_warps,
-                                num_stages=num_stages, interpret=interpret), axis=0)
+    out = jnp.sum(gemv_partials(x, w, p=p, w_layout=w_layout, reduce=reduce,
+                                num_warps=num_warps, num_stages=num_stages,
+                                interpret=interpret), axis=0)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype if out_dtype is None else out_dtype)
