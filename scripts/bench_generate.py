@@ -205,8 +205,10 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["pallas", "xla_ops", "hf"],
-                    help="default / command_buffers_off (impl auto), pallas (impl pallas: every "
-                         "op's kernel and the LM head's GEMV), xla_ops (impl xla), hf, breakdown*")
+                    help="default / command_buffers_off (impl auto: in_proj through the GEMV "
+                         "kernel at b <= 16), pallas (impl pallas: every op's kernel, in_proj, "
+                         "out_proj and the LM head through the GEMV), xla_ops (impl xla), hf, "
+                         "breakdown*")
     ap.add_argument("--name", default="generate_2.7b", help="result file prefix")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
@@ -238,7 +240,10 @@ def main():
         else:
             results[variant] = dict(json.loads(lines[-1][7:]), xla_flags=env["XLA_FLAGS"])
         print(variant, json.dumps(results[variant])[:600], flush=True)
-        write_results(args, results)  # after every variant: a later one may not finish
+        if any("device" in r for r in results.values()):  # after every variant (a later one
+            write_results(args, results)  # may not finish), once the device is known
+    if not any("device" in r for r in results.values()):
+        write_results(args, results)  # every variant failed: keep their errors
 
 
 def write_results(args, results):

@@ -137,12 +137,13 @@ class MambaMixer2(nnx.Module):
     def _linear(self, lin, x, impl, *, auto_kernel):
         """``lin(x)``; in a decode step (``impl`` given, at most gemv's MAX_AUTO_ROWS rows, no
         mesh) through the Pallas GEMV when ``impl`` asks for the kernels, or when it is "auto" on
-        a GPU and ``auto_kernel``: where the kernel was measured faster than XLA (H200, bf16,
-        batch 1, the 2.7B shapes: in_proj 20.0-21.2 us against 39.7-42.0; out_proj a toss-up,
-        10.9-11.9 against 8.6-11.1, so XLA keeps it)."""
+        a GPU, ``auto_kernel`` and the weights bf16: where the kernel was measured faster than
+        XLA (H200, bf16, m = 1 and 4, the 2.7B shapes: in_proj 20.0-22.1 us against 39.7-42.0;
+        out_proj a toss-up, 10.9-12.8 against 8.6-11.1, so XLA keeps it)."""
         rows = math.prod(x.shape[:-1])
         kernel = impl in ("pallas", "interpret") or (
-            impl == "auto" and auto_kernel and jax.default_backend() == "gpu")
+            impl == "auto" and auto_kernel and jax.default_backend() == "gpu"
+            and lin.kernel[...].dtype == jnp.bfloat16)
         if impl is None or not kernel or self.plan.mesh is not None or rows > MAX_AUTO_ROWS:
             return lin(x)
         w = lin.kernel[...]

@@ -164,8 +164,8 @@ class Mamba2ForCausalLM(nnx.Module):
         """One token per sequence: ``token_ids [b]`` -> (logits [b, v], new state).
 
         ``impl="pallas"`` / ``"interpret"`` runs the projections and the LM head through the
-        Pallas GEMV (up to 16 rows, without a mesh); ``"auto"`` on a GPU only in_proj (H200:
-        XLA was faster for out_proj and the LM head; see ``MambaMixer2._linear``)."""
+        Pallas GEMV (up to 16 rows, without a mesh); ``"auto"`` on a GPU only a bf16 in_proj
+        (H200: XLA was faster for out_proj and the LM head; see ``MambaMixer2._linear``)."""
         h = self._embed(token_ids)
         new_state = []
         for layer, s in zip(self.backbone.layers, state):

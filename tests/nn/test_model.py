@@ -124,7 +124,7 @@ def test_decode_step_lm_head_through_the_gemv_kernel(tied):
 
 def test_decode_step_projections_through_the_gemv_kernel(monkeypatch):
     """impl="interpret": in_proj and out_proj through the Pallas GEMV, equal to XLA's; "auto"
-    takes the kernel for in_proj only, and only on a GPU; prefill never."""
+    takes the kernel for in_proj only, only on a GPU and for bf16 weights; prefill never."""
     model = random_model(9, use_bias=True)
     ids = jnp.asarray(np.random.default_rng(9).integers(0, 64, (3, 6)))
     _, state = model.prefill(ids[:, :5])
@@ -148,5 +148,17 @@ def test_decode_step_projections_through_the_gemv_kernel(monkeypatch):
     assert launches("auto") == (0, 0)  # on the CPU
     np.testing.assert_allclose(mixer._linear(mixer.in_proj, u, "interpret", auto_kernel=True),
                                mixer.in_proj(u), rtol=1e-5, atol=1e-5)
+    gemv_in = lambda f, *a: "gemv_splitk" in str(jax.make_jaxpr(f)(*a))
+    assert gemv_in(lambda t, s: model.decode_step(t, s, impl="interpret"), ids[:, 5], state)
+    assert not gemv_in(lambda i: model(i, impl="interpret"), ids)  # prefill
+    bf16 = Mamba2ForCausalLM(Mamba2Config(**{**BASE, "use_bias": True}),
+                             param_dtype=jnp.bfloat16, rngs=nnx.Rngs(12)).backbone.layers[0].mixer
+    got = bf16._linear(bf16.in_proj, u, "interpret", auto_kernel=True)  # u float32: cast first
+    want = bf16.in_proj(u)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2 ** -7, atol=2 ** -7)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what "auto" picks on a GPU
+    assert launches("auto") == (0, 0)  # float32 weights: XLA
+    mixer = bf16
     assert launches("auto") == (1, 0)

@@ -85,8 +85,9 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
         raise ValueError(f"{op}: method must be one of {METHODS} or None, got {method!r}")
     if reduce not in REDUCES:
         raise ValueError(f"{op}: reduce must be one of {REDUCES}, got {reduce!r}")
-    if method == "dot" and any(v is not None and v < 16 for v in (block_n, block_k)):
-        raise ValueError(f"{op}: method='dot' needs block_n and block_k >= 16")
+    if method in (None, "dot") and any(v is not None and v < 16 for v in (block_n, block_k)):
+        raise ValueError(f"{op}: method='dot' (the default) needs block_n and block_k >= 16; "
+                         f"method='fma' takes smaller blocks")
 
     lead = x.shape[:-1]
     m = 1

@@ -17,10 +17,11 @@ and stays in L2). Two ways to sum the slabs (``reduce``):
   launch, and ``S * m * N * 4`` bytes of extra traffic (0.6% of the weight bytes for m=1,
   K=2560, N=10576, S=8).
 * ``"atomic"``: each program adds its rows into one float32 ``[m, cdiv(N, bn) * bn]`` buffer
-  with ``atomic_add`` (the zeroed buffer donated to the call through ``input_output_aliases``;
-  no second kernel, the slice, bias and cast left to XLA to fuse into the consumers). Float
-  atomics add in whatever order the programs finish, so the low bits of the result can differ
-  from run to run (the partials path is deterministic). Not yet timed on a GPU.
+  with ``atomic_add`` (the zeroed buffer donated to the call through ``input_output_aliases``):
+  no partials written and read back and no reduction kernel; XLA still fills the buffer with
+  zeros before the call and takes the slice, bias and cast after it (fusible into the
+  consumers). Float atomics add in whatever order the programs finish, so the low bits of the
+  result can differ from run to run (the partials path is deterministic). Not yet timed.
 
 Two ways to combine a tile (``method``):
 
@@ -252,8 +253,9 @@ def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, met
                 num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
                 sm_count: int = SM_COUNT, interpret: bool = False):
     """``x [m, K] @ w (+ bias [N])`` in ``out_dtype`` (None: ``x.dtype``; w [K, N], or [N, K]
-    with ``w_layout="out_in"``): the kernel's partials, summed (and the bias added) in float32
-    by XLA. Shapes and dtypes are the caller's to check (``api.gemv`` does)."""
+    with ``w_layout="out_in"``): the kernel's partials summed by XLA, or (``reduce="atomic"``)
+    its own float32 sum; the bias added in float32. Shapes and dtypes are the caller's to check
+    (``api.gemv`` does)."""
     m, K = x.shape
     N = w.shape[0] if check_layout(w_layout) else w.shape[1]
     p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
