@@ -323,6 +323,23 @@ def test_kernels_lower_for_cuda(dtype, with_z, d_per_channel, blocks):
     assert text.count("__gpu$xla.gpu.triton") == 4  # decays, chunk states, state pass, outputs
 
 
+def test_dense_layout_is_static():
+    """Batched input: the chunk flags are constants of the program (no scatter, iota or convert
+    kernels before the Pallas calls), only dt's processing runs in XLA beside them."""
+    S = jax.ShapeDtypeStruct
+    b, l, h, p, g, n, q = 2, 1024, 8, 64, 1, 128, 256
+    cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True)
+    f = jax.jit(lambda x, dt, A, B, C, D, bias: ssd_pallas(cfg, x, dt, A, B, C, D, None, bias,
+                                                            None, None)[:2])
+    text = f.trace(S((b, l, h, p), jnp.bfloat16), S((b, l, h), jnp.float32), S((h,), jnp.float32),
+                   S((b, l, g, n), jnp.bfloat16), S((b, l, g, n), jnp.bfloat16),
+                   S((h,), jnp.float32), S((h,), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 4
+    for op in ("scatter", "iota", "convert"):
+        assert f"stablehlo.{op}" not in text, op
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 @pytest.mark.parametrize("with_z,d_per_channel,g,blocks", [
     (False, False, 1, {}), (True, True, 8, {}),

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class VarlenChunks(NamedTuple):
@@ -54,7 +55,8 @@ class ChunkPlan:
     """Maps ``[b, l, ...]`` arrays to chunk-aligned ``[rows, c*q, ...]`` and back.
 
     ``is_first [rows, c]`` marks chunks where the state restarts from ``h0[init_index]``
-    (``h0`` is [b, ...] batched or [nseq, ...] packed).
+    (``h0`` is [b, ...] batched or [nseq, ...] packed); numpy arrays for batched input (they
+    depend on the shapes only), traced ones for packed input.
     """
 
     def __init__(self, b: int, l: int, chunk_size: int, cu_seqlens=None):
@@ -64,8 +66,10 @@ class ChunkPlan:
         if not self.packed:
             self.c = max(-(-l // q), 1)
             self.rows = b
-            self.is_first = jnp.zeros((b, self.c), bool).at[:, 0].set(True)
-            self.init_index = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, self.c))
+            # numpy: static, so they enter the program as constants (no device work per call)
+            self.is_first = np.zeros((b, self.c), bool)
+            self.is_first[:, 0] = True
+            self.init_index = np.broadcast_to(np.arange(b, dtype=np.int32)[:, None], (b, self.c))
             return
         lay = self.varlen = varlen_chunk_layout(cu_seqlens, q, l)
         self.c, self.rows = lay.seq.shape[0], 1
