@@ -152,24 +152,18 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
     state_kw = dict(block_k=cfg.block_k, block_p=cfg.block_p)
     pass_kw = dict(pass_block_p=cfg.pass_block_p, full_states=cfg.chunk_states)
-    fused = cfg.decays == "fused"  # the decay terms then come out of the chunk-state kernel
 
-    def prologue_fn(dt, bias):  # processed dt, and unless fused its decay terms
-        dtp = process_dt(dt, bias, True)
-        return dtp if fused else decays_for(cfg.decays, dtp, A, q, launch=decays_launch(cfg),
-                                            interpret=interpret)
+    def prologue_fn(dt, bias):  # processed dt and its decay terms
+        return decays_for(cfg.decays, process_dt(dt, bias, True), A, q,
+                          launch=decays_launch(cfg), interpret=interpret)
 
-    def states_fn(x, B, pro):  # the inference path's state copy unless cfg.chunk_states
-        if fused:
-            loc, dec = k.local_states_with_decays(x, B, pro, A, chunk_size=q, **state_kw,
-                                                  **launch)
-        else:
-            loc, dec = k.local_states(x, B, pro.w, chunk_size=q, **state_kw, **launch), pro
-        return k.state_pass(loc, dec.total, first, index, h0, x.dtype, **pass_kw, **launch), dec
+    def states_fn(x, B, dec):  # the inference path's state copy unless cfg.chunk_states
+        loc = k.local_states(x, B, dec.w, chunk_size=q, **state_kw, **launch)
+        return k.state_pass(loc, dec.total, first, index, h0, x.dtype, **pass_kw, **launch)
 
     prologue, states = jax.jit(prologue_fn), jax.jit(states_fn)
-    pro = prologue(dt, bias)
-    (end, _), dec = states(x, B, pro)
+    dec = prologue(dt, bias)
+    end, _ = states(x, B, dec)
     out_launch = dict(launch, num_warps=cfg.out_num_warps or cfg.num_warps,
                       num_stages=cfg.out_num_stages or cfg.num_stages)
     outputs = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
@@ -177,7 +171,7 @@ def breakdown(cfg, x, dt, A, B, C, D, bias, sync, interpret=False):
         row_blocks=cfg.row_blocks, block_n=cfg.block_n, **out_launch))
     return dict(
         prologue=timeit(lambda: prologue(dt, bias), sync),
-        states=timeit(lambda: states(x, B, pro), sync),
+        states=timeit(lambda: states(x, B, dec), sync),
         outputs=timeit(lambda: outputs(x, B, C, dec, end), sync))
 
 
@@ -190,7 +184,6 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     from mamba2_jax.kernels.common import process_dt
     from mamba2_jax.kernels.ssd import pallas_bwd as kb
     from mamba2_jax.kernels.ssd import pallas_fwd as kf
-    from mamba2_jax.kernels.ssd.decays import decays_for
     from mamba2_jax.kernels.ssd.pallas import backward_kwargs, decays_launch
 
     q = cfg.chunk_size
@@ -201,9 +194,6 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
                                             decays_launch=decays_launch(cfg), return_decays=True,
                                             interpret=interpret)
     bwd_kw = dict(backward_kwargs(cfg), interpret=interpret)
-    if dec.to_end is None:  # "fused" keeps no to_end: the backward forms the terms itself
-        dec = decays_for(bwd_kw["decays"], dtp, A, q, launch=decays_launch(cfg),
-                         interpret=interpret)
     dfinal = jnp.zeros_like(h0)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)

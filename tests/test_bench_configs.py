@@ -60,10 +60,10 @@ def test_timer_runs_last_long_enough_to_amortize_the_first_launch():
     assert len(calls) == 8  # fixed run length: no sizing call
 
 
-@pytest.mark.parametrize("decays", ["pallas", "fused"])
+@pytest.mark.parametrize("decays", ["pallas", "xla"])
 def test_breakdowns_run_each_decays_path(decays):
     """bench_kernels.breakdown / backward_breakdown (interpret mode): every stage of our forward
-    and backward timed alone ("fused" leaves the backward its own decay terms)."""
+    and backward timed alone."""
     import jax
     import jax.numpy as jnp
 

@@ -35,7 +35,7 @@ from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from mamba2_jax.kernels.gemv import gemv
-from mamba2_jax.kernels.gemv.api import MAX_AUTO_ROWS
+from mamba2_jax.kernels.gemv.api import decode_takes_kernel
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
@@ -140,13 +140,10 @@ class MambaMixer2(nnx.Module):
         a GPU, ``auto_kernel`` and the weights bf16: where the kernel was measured faster than
         XLA (H200, bf16, m = 1 and 4, the 2.7B shapes: in_proj 20.0-22.1 us against 39.7-42.0;
         out_proj a toss-up, 10.9-12.8 against 8.6-11.1, so XLA keeps it)."""
-        rows = math.prod(x.shape[:-1])
-        kernel = impl in ("pallas", "interpret") or (
-            impl == "auto" and auto_kernel and jax.default_backend() == "gpu"
-            and lin.kernel[...].dtype == jnp.bfloat16)
-        if impl is None or not kernel or self.plan.mesh is not None or rows > MAX_AUTO_ROWS:
-            return lin(x)
         w = lin.kernel[...]
+        if not decode_takes_kernel(impl, math.prod(x.shape[:-1]), mesh=self.plan.mesh,
+                                   auto=auto_kernel and w.dtype == jnp.bfloat16):
+            return lin(x)
         bias = None if lin.bias is None else lin.bias[...]
         return gemv(x.astype(w.dtype), w, bias, **op_kwargs(impl))
 

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.gemv import gemv
-from mamba2_jax.kernels.gemv.api import MAX_AUTO_ROWS
+from mamba2_jax.kernels.gemv.api import decode_takes_kernel
 from mamba2_jax.nn.mixer import MambaMixer2, MixerState, init_mixer_state
 from mamba2_jax.nn.norm import RMSNorm
 from mamba2_jax.sharding.params import logical_init, place_params
@@ -113,7 +113,7 @@ class Mamba2ForCausalLM(nnx.Module):
         tied = self.lm_head is None
         w = self.backbone.embeddings.embedding[...] if tied else self.lm_head.kernel[...]
         rows = math.prod(h.shape[:-1])
-        if head_impl in ("pallas", "interpret") and self.mesh is None and rows <= MAX_AUTO_ROWS:
+        if decode_takes_kernel(head_impl, rows, mesh=self.mesh):  # XLA's head under "auto"
             return gemv(h.astype(w.dtype), w, w_layout="out_in" if tied else "in_out",
                         out_dtype=jnp.float32, **op_kwargs(head_impl))
         if tied:

@@ -1,8 +1,6 @@
 """The SSD decay terms: the Pallas kernel (interpret mode) vs its XLA twin and a float64 oracle,
 and its lowering for "cuda"."""
 
-import functools
-
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
@@ -11,7 +9,6 @@ import pytest
 
 from mamba2_jax.kernels.ssd.decays import chunk_decays, chunk_decays_pallas, heads_per_block
 from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, ssd_pallas
-from mamba2_jax.kernels.ssd.pallas_fwd import local_states_with_decays, ssd_forward_chunked
 
 
 def oracle(dt, A, q):
@@ -71,10 +68,10 @@ def test_heads_per_block(h, cap, want):
     assert heads_per_block(h, cap) == want
 
 
-@pytest.mark.parametrize("decays,lens", [("xla", None), ("fused", None), ("fused", (9, 0, 40, 3))])
+@pytest.mark.parametrize("decays,lens", [("xla", None), ("xla", (9, 0, 40, 3))])
 def test_forward_and_gradients_are_the_same_with_any_decays(decays, lens):
-    """"fused" forms the terms in the chunk-state kernel: 2 sub-blocks of 16 tokens per chunk
-    and 2 programs over p (only the first writes the terms)."""
+    """The decay terms from XLA (the twin) or the Pallas kernel: the same forward and gradients,
+    batched and packed."""
     rng = np.random.default_rng(3)
     b, l, h, p, g, n, q = (1, 52, 4, 32, 2, 16, 32) if lens else (2, 40, 4, 32, 2, 16, 32)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
@@ -95,42 +92,6 @@ def test_forward_and_gradients_are_the_same_with_any_decays(decays, lens):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="decays"):
         SSDKernelConfig(chunk_size=q, decays="triton")
-
-
-def test_fused_chunk_state_weights_do_not_cancel_under_strong_decay():
-    """The chunk's own state sum_j exp(to_end_j) dt_j x_j B_j^T with the decays formed in the
-    chunk-state kernel, against float64: the late tokens' tiny to_end must not come from
-    ``total - acum`` (|total| ~ 1e5)."""
-    q, h, p, n, bk = 64, 2, 16, 16, 16
-    rng = np.random.default_rng(4)
-    dt = np.full((1, q, h), 1e-4, np.float32)
-    dt[:, : q // 2] = 50.0
-    A = np.full(h, -100.0, np.float32)
-    x = rng.standard_normal((1, q, h, p)).astype(np.float32)
-    B = rng.standard_normal((1, q, 1, n)).astype(np.float32)
-    loc, dec = local_states_with_decays(jnp.asarray(x), jnp.asarray(B), jnp.asarray(dt),
-                                        jnp.asarray(A), chunk_size=q, block_k=bk, interpret=True)
-    acum, to_end, total, dtc, w = oracle(dt, A, q)
-    want = np.einsum("hj,jhp,jn->hpn", w[0, 0], x[0].astype(np.float64), B[0, :, 0])
-    assert np.abs(total).max() > 1e5
-    np.testing.assert_allclose(np.asarray(loc[0, 0], np.float64), want, rtol=1e-5,
-                               atol=1e-6 * np.abs(want).max())
-    np.testing.assert_allclose(np.asarray(dec.acum), acum, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(dec.total), total, rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(dec.dt), dtc)
-
-
-def test_fused_forward_lowers_for_cuda():
-    S = jax.ShapeDtypeStruct
-    b, l, h, p, n, q = 1, 1024, 8, 64, 128, 256
-    args = (S((b, l, h, p), jnp.bfloat16), S((b, l, h), jnp.float32), S((h,), jnp.float32),
-            S((b, l, 1, n), jnp.bfloat16), S((b, l, 1, n), jnp.bfloat16), S((h,), jnp.float32),
-            None, S((b, h, p, n), jnp.float32), S((b, l // q), jnp.int32),
-            S((b, l // q), jnp.int32))
-    fn = functools.partial(ssd_forward_chunked, chunk_size=q, decays="fused", pass_block_p=4,
-                           block_n=32, full_states=False)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3  # chunk states with decays, pass, outputs
 
 
 @pytest.mark.parametrize("b,L,h,q,launch", [(1, 8192, 80, 256, {}), (2, 1024, 3, 64, {}),
@@ -163,10 +124,9 @@ def kernel_names(closed):
     return names
 
 
-@pytest.mark.parametrize("decays,launches", [("pallas", 1), ("fused", 1), ("xla", 0)])
+@pytest.mark.parametrize("decays,launches", [("pallas", 1), ("xla", 0)])
 def test_the_backward_reuses_the_forward_decay_terms(decays, launches):
-    """One decays launch per forward + backward: the backward reads the forward's terms
-    ("fused" keeps no to_end, so there only the backward launches the kernel)."""
+    """One decays launch per forward + backward: the backward reads the forward's terms."""
     rng = np.random.default_rng(5)
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     x, dt, B, C = f(1, 32, 4, 16), f(1, 32, 4), f(1, 32, 1, 16), f(1, 32, 1, 16)

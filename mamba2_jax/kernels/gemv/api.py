@@ -46,6 +46,17 @@ def _check_block(name, v):
         raise ValueError(f"gemv: {name} must be {what} or None, got {v!r}")
 
 
+def decode_takes_kernel(impl, rows: int, *, mesh=None, auto: bool = False) -> bool:
+    """Whether a model's decode-step product of ``rows`` rows runs through the kernel: never
+    under a mesh (the product is sharded outside ``shard_map``) or past MAX_AUTO_ROWS; always
+    when ``impl`` asks for the kernels ("pallas" / "interpret"); under "auto" only on a GPU and
+    when ``auto`` (the caller's product was measured faster there)."""
+    if mesh is not None or rows > MAX_AUTO_ROWS:
+        return False
+    return impl in ("pallas", "interpret") or (
+        impl == "auto" and auto and jax.default_backend() == "gpu")
+
+
 def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str = "auto",
          interpret: bool = False, block_n=None, block_k=None, splits=None, method=None,
          reduce: str = "partials", num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):

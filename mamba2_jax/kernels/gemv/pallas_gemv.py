@@ -204,9 +204,10 @@ def _gemv_kernel(x_ref, w_ref, *refs, m, mp, K, N, bn, bk, ks, n_k, method, ragg
     if atomic:  # no masks: the buffer's columns are padded to whole blocks
         if mp == m:
             plt.atomic_add(o_ref, (pl.ds(0, m), pl.ds(n0, bn)), acc)
-        for r in range(m if mp != m else 0):  # row by row (a masked sum picks row r:
-            row = jnp.sum(jnp.where(rows[:, None] == r, acc, 0.0), axis=0)  # no static slice)
-            plt.atomic_add(o_ref, (pl.ds(r, 1), pl.ds(n0, bn)), row[None, :])
+        else:  # padded rows: row by row, a masked sum picking row r (Triton has no static slice)
+            for r in range(m):
+                row = jnp.sum(jnp.where(rows[:, None] == r, acc, 0.0), axis=0)
+                plt.atomic_add(o_ref, (pl.ds(r, 1), pl.ds(n0, bn)), row[None, :])
         return
     out = o_ref.at[s, pl.ds(0, mp), pl.ds(n0, bn)]
     if mp != m or ragged_n:

@@ -84,8 +84,12 @@ def _decays_kernel(dt_ref, A_ref, acum_ref, to_end_ref, total_ref, dtc_ref, w_re
     total_ref[bi, ci, heads] = jnp.sum(a, axis=0)
 
 
-def chunk_decays_pallas(dt, A, chunk_size, *, max_heads=32, num_warps=4,
-                        interpret=False) -> Decays:
+DECAYS_LAUNCH = (8, 4)  # the Pallas kernel's (max_heads, num_warps); H200 fwd ms with 8 vs 32
+#                         heads: 0.381 vs 0.381, 0.714 vs 0.716, 0.581 vs 0.594
+
+
+def chunk_decays_pallas(dt, A, chunk_size, *, max_heads=DECAYS_LAUNCH[0],
+                        num_warps=DECAYS_LAUNCH[1], interpret=False) -> Decays:
     """The decay terms from one Pallas launch: dt [b, c*q, h] (processed, float32), A [h];
     each program takes ``heads_per_block(h, max_heads)`` heads of one chunk."""
     b, L, h = dt.shape
@@ -101,10 +105,6 @@ def chunk_decays_pallas(dt, A, chunk_size, *, max_heads=32, num_warps=4,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
     )(dt.astype(jnp.float32), A.astype(jnp.float32))
     return Decays(acum, to_end, total, dtc, w)
-
-
-DECAYS_LAUNCH = (8, 4)  # the Pallas kernel's (max_heads, num_warps); H200 fwd ms with 8 vs 32
-#                         heads: 0.381 vs 0.381, 0.714 vs 0.716, 0.581 vs 0.594
 
 
 def decays_for(impl: str, dt, A, chunk_size, *, launch=DECAYS_LAUNCH, interpret=False) -> Decays:

@@ -23,7 +23,7 @@ from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
 
 BACKWARDS = ("pallas", "xla")  # SSDKernelConfig.backward: Pallas kernels, or the XLA fallback
-DECAYS = ("pallas", "xla", "fused")  # SSDKernelConfig.decays (see ssd_forward_chunked)
+DECAYS = ("pallas", "xla")  # SSDKernelConfig.decays (see ssd_forward_chunked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,7 @@ class SSDKernelConfig:
     out_num_warps: int | None = None  # the output kernel's launch (None: num_warps)
     out_num_stages: int | None = None  # (None: num_stages)
     chunk_states: bool = False  # also return the float32 state after every chunk
-    decays: str = "pallas"  # the decay terms: their kernel, "xla", or "fused" (fwd: in the
-    #                         chunk-state kernel; the backward then takes "pallas")
+    decays: str = "pallas"  # the decay terms: their Pallas kernel, or "xla" (its twin)
     decays_heads: int = DECAYS_LAUNCH[0]  # at most this many heads per decays program
     decays_num_warps: int = DECAYS_LAUNCH[1]
     backward: str = "pallas"  # "pallas" kernels, or "xla": jax.vjp of the reference (fallback)
@@ -129,8 +128,7 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, fused_dD=cfg.bwd_fused_dD, num_warps=cfg.bwd_num_warps,
-        num_stages=cfg.bwd_num_stages, decays="pallas" if cfg.decays == "fused" else cfg.decays,
-        decays_launch=decays_launch(cfg), interpret=cfg.interpret)
+        num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg), interpret=cfg.interpret)
 
 
 def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
@@ -144,14 +142,14 @@ def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
 
 def _core_fwd(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
     # with a gate, also the output before it (dz needs it); and the decay terms, which the
-    # backward reads again (unless "fused" left out to_end: then it recomputes them)
+    # backward reads again
     outs = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
                                return_pre_gate=z is not None, return_decays=True,
                                **_forward_kwargs(cfg, x.shape[-1]))
     y, end, final, dec = outs[0], outs[1], outs[2], outs[-1]
     pre = outs[3] if z is not None else None
     out = (y, final, end if cfg.chunk_states else None)
-    dec = None if dec.to_end is None else dec._replace(w=None)  # the backward never reads w
+    dec = dec._replace(w=None)  # the backward never reads w
     return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec)
 
 

@@ -291,7 +291,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
                          dfinal, dchunks=None, dec=None, *, chunk_size: int, block_m: int = 64,
                          dx_block_n: int | None = None, dc_block_n: int | None = None,
                          block_k: int = 32, heads: int = 4,
-                         pass_block_p: int | None = None, fused_dD: bool = False,
+                         pass_block_p: int | None = None, fused_dD: bool = True,
                          num_warps: int = 4, num_stages: int = 1, decays: str = "pallas",
                          decays_launch: tuple = DECAYS_LAUNCH, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).

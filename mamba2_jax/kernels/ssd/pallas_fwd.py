@@ -5,9 +5,9 @@ With ``a = dt * A``:
 
 0. ``decays.py`` (one Pallas launch, or XLA with ``decays="xla"``): ``acum`` (the cumsum of a
    inside each chunk), ``to_end`` (the sum of the later a's, a reverse cumsum), the chunk
-   ``total`` and the state weights ``w = exp(to_end) dt`` (float32). With ``decays="fused"``
-   the chunk-state kernel forms them itself (``_local_state_decays_kernel``) and writes acum,
-   dt and total for the other two kernels: one launch less.
+   ``total`` and the state weights ``w = exp(to_end) dt`` (float32). (Forming them inside the
+   chunk-state kernel instead, one launch less, measured slower on every benchmark shape on an
+   H200: 0.386 / 0.742 / 0.602 against 0.381 / 0.716 / 0.594 ms; removed.)
 1. ``_local_state_kernel``, grid (h, p / bp, b*c): every chunk's own state
    ``sum_j w_j x_j B_j^T`` in parallel; then ``_pass_kernel``, grid (b, h, p / pp),
    sequential over chunks:
@@ -83,9 +83,8 @@ def _last_of_sequence(index_ref, bi, c, nc):
     return (c == nc - 1) | (index_ref[bi, jnp.minimum(c + 1, nc - 1)] != index_ref[bi, c])
 
 
-def _local_state(x_ref, B_ref, weights, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
-    """sum_j w_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n] float32;
-    ``weights(kb)`` gives the [bk] weights w of sub-block kb.
+def _local_state(x_ref, B_ref, w_ref, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
+    """sum_j w_j x_j B_j^T over chunk ci, in sub-blocks of bk tokens: [bp, n] float32.
 
     The forward uses ``w = exp(to_end) dt`` (a chunk's own state); the backward passes
     ``x = dY``, ``B = C`` and ``w = exp(acum)`` (a chunk's own gradient of its entering state).
@@ -95,7 +94,7 @@ def _local_state(x_ref, B_ref, weights, bi, ci, hi, gi, pb, *, q, bk, bp, fp32):
         tok = pl.ds(ci * q + kb * bk, bk)
         x = x_ref[bi, tok, hi, ps]  # [bk, bp]
         Bk = B_ref[bi, tok, gi, :]  # [bk, n]
-        w = weights(kb)
+        w = w_ref[bi, ci, hi, pl.ds(kb * bk, bk)]
         xw = (x.astype(jnp.float32) * w[:, None]).astype(x.dtype)
         return acc + _dot(xw, Bk, trans_a=True, fp32=fp32)
 
@@ -109,41 +108,7 @@ def _local_state_kernel(x_ref, B_ref, w_ref, loc_ref, *, q, bk, bp, heads_per_gr
     nc = loc_ref.shape[1]
     bi, ci = bc // nc, bc % nc
     loc_ref[bi, ci, hi, pl.ds(pb * bp, bp), :] = _local_state(
-        x_ref, B_ref, lambda kb: w_ref[bi, ci, hi, pl.ds(kb * bk, bk)], bi, ci, hi,
-        hi // heads_per_group, pb, q=q, bk=bk, bp=bp, fp32=fp32)
-
-
-def _local_state_decays_kernel(x_ref, B_ref, dt_ref, A_ref, loc_ref, acum_ref, dtc_ref,
-                               total_ref, *, q, bk, bp, heads_per_group, fp32):
-    """``_local_state_kernel`` forming the decay terms itself from dt [b, c*q, h]: the state
-    weights per sub-block (``to_end`` as the sum over the later sub-blocks plus the block's own
-    exclusive suffix sums: no difference of sums), and writing acum, dt and total for the
-    other kernels (``decays="fused"``)."""
-    hi, pb, bc = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    nc = loc_ref.shape[1]
-    bi, ci = bc // nc, bc % nc
-    A = A_ref[hi]
-    dt = dt_ref[bi, pl.ds(ci * q, q), hi]  # [q] (strided over the heads)
-    a = dt * A
-    tok = lax.broadcasted_iota(jnp.int32, (q,), 0)
-    later = (lax.broadcasted_iota(jnp.int32, (bk, bk), 0)
-             > lax.broadcasted_iota(jnp.int32, (bk, bk), 1))  # [k, t]: k after t
-
-    def weights(kb):
-        dt_b = dt_ref[bi, pl.ds(ci * q + kb * bk, bk), hi]
-        after = jnp.sum(jnp.where(tok >= (kb + 1) * bk, a, 0.0))  # the later sub-blocks
-        inside = jnp.sum(jnp.where(later, (dt_b * A)[:, None], 0.0), axis=0)  # [bk]
-        return jnp.exp(after + inside) * dt_b
-
-    loc_ref[bi, ci, hi, pl.ds(pb * bp, bp), :] = _local_state(
-        x_ref, B_ref, weights, bi, ci, hi, hi // heads_per_group, pb, q=q, bk=bk, bp=bp,
-        fp32=fp32)
-
-    @pl.when(pb == 0)
-    def _():
-        acum_ref[bi, ci, hi, :] = jnp.cumsum(a)
-        dtc_ref[bi, ci, hi, :] = dt
-        total_ref[bi, ci, pl.ds(hi, 1)] = jnp.full((1,), jnp.sum(a), jnp.float32)
+        x_ref, B_ref, w_ref, bi, ci, hi, hi // heads_per_group, pb, q=q, bk=bk, bp=bp, fp32=fp32)
 
 
 def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, final_ref, *, bp):
@@ -236,25 +201,6 @@ def local_states(x, B, w, *, chunk_size, block_k=32, block_p=None, num_warps=4, 
         grid=(h, p // bp, b * c), name="ssd_chunk_state")(x, B, w)
 
 
-def local_states_with_decays(x, B, dt, A, *, chunk_size, block_k=32, block_p=None,
-                             num_warps=4, num_stages=3, interpret=False):
-    """``local_states`` with the decay terms formed in the same kernel (``decays="fused"``):
-    (loc [b, c, h, p, n], Decays with acum, total and dt; to_end and w None)."""
-    b, L, h, p = x.shape
-    g, n = B.shape[-2:]
-    q, c = chunk_size, L // chunk_size
-    bk, bp = min(block_k, q), p if block_p is None else block_p
-    kernel = functools.partial(_local_state_decays_kernel, q=q, bk=bk, bp=bp,
-                               heads_per_group=h // g, fp32=x.dtype == jnp.float32)
-    per_token = jax.ShapeDtypeStruct((b, c, h, q), jnp.float32)
-    loc, acum, dtc, total = launcher(interpret, num_warps, num_stages)(
-        kernel, out_shape=(jax.ShapeDtypeStruct((b, c, h, p, n), jnp.float32), per_token,
-                           per_token, jax.ShapeDtypeStruct((b, c, h), jnp.float32)),
-        grid=(h, p // bp, b * c), name="ssd_chunk_state")(
-        x, B, dt.astype(jnp.float32), A.astype(jnp.float32))
-    return loc, Decays(acum, None, total, dtc, None)
-
-
 def state_pass(loc, total, is_first, init_index, h0, dtype, *, pass_block_p=None,
                full_states=True, num_warps=4, num_stages=3, interpret=False):
     """Kernel 1b: the states leaving every chunk and each sequence's final state, from the
@@ -324,8 +270,7 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     (else in the operand dtype: see :func:`state_pass`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
-    ``decays``: the decay terms from their Pallas kernel ("pallas"), from XLA ("xla"), or
-    inside the chunk-state kernel ("fused", forward only: the backward takes "pallas");
+    ``decays``: the decay terms from their Pallas kernel ("pallas") or from XLA ("xla");
     ``decays_launch``: that kernel's (max heads per program, num_warps).
     """
     q = chunk_size
@@ -333,13 +278,8 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     out_launch = dict(num_warps=num_warps if out_num_warps is None else out_num_warps,
                       num_stages=num_stages if out_num_stages is None else out_num_stages,
                       interpret=interpret)
-    if decays == "fused":
-        loc, dec = local_states_with_decays(x, B, dt, A, chunk_size=q, block_k=block_k,
-                                            block_p=block_p, **launch)
-    else:
-        dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
-        loc = local_states(x, B, dec.w, chunk_size=q, block_k=block_k, block_p=block_p,
-                           **launch)
+    dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
+    loc = local_states(x, B, dec.w, chunk_size=q, block_k=block_k, block_p=block_p, **launch)
     end, final = state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
                             pass_block_p=pass_block_p, full_states=full_states, **launch)
     out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
