@@ -7,7 +7,7 @@ Single products: m in {1, 4}, (K, N) in {(2560, 10576) in_proj, (5120, 2560) out
 (2560, 50280) lm_head}; the LM head is the tied embedding, w [N, K] (``w_layout="out_in"``),
 against XLA's ``einsum("mk,nk->mn")`` as the model writes it. Ours runs
 at its default launch parameters and at a small sweep of (block_n, block_k, splits[, method,
-num_warps, num_stages, reduce]); a configuration that fails to compile or run is recorded with its
+num_warps, num_stages]); a configuration that fails to compile or run is recorded with its
 error, not fatal. Each timed call is one jitted function applying the product to R distinct
 weight copies (>= 256 MiB in all, so little is served from the 50 MiB L2), time / R.
 
@@ -47,20 +47,16 @@ LAYERS, D_MODEL, D_INNER, D_IN_PROJ = 64, 2560, 5120, 10576
 # Sweep of our launch parameters; None = the default rule. The first entry is the default.
 CONFIGS = [
     dict(),  # method "dot", bn 128, bk 64
-    dict(reduce="atomic"),  # the slabs summed in the kernel (no second launch)
     dict(block_n=64, block_k=128, num_stages=4),
-    dict(block_n=64, block_k=128, num_stages=4, reduce="atomic"),
     dict(block_n=128, block_k=64, num_stages=4),
     dict(block_n=128, block_k=64, splits=4),
     dict(block_n=128, block_k=64, splits=16),
     dict(block_n=256, block_k=64, num_warps=8),
     dict(method="fma", block_n=128, block_k=32),
     dict(method="fma", block_n=256, block_k=32),
-    dict(method="fma", block_n=128, block_k=32, reduce="atomic"),
 ]
 SMOKE_CONFIGS = [dict(), dict(block_n=16, block_k=16, splits=3), dict(block_n=48),
-                 dict(method="fma", block_n=16, block_k=16),
-                 dict(block_n=16, block_k=16, splits=3, reduce="atomic")]
+                 dict(method="fma", block_n=16, block_k=16)]
 
 
 def parse_args(argv=None):

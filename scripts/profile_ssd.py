@@ -4,7 +4,7 @@
     python scripts/profile_ssd.py --side mamba_ssm --peers .peers --shapes 0,3
 
 Ours: ``jax.profiler.trace`` around ``iters`` calls of the jitted forward and of forward +
-backward, read back with ``jax.profiler.ProfileData``: every kernel event on the GPU's stream
+backward (y and the vjp of dy, as ``bench_kernels.py`` times it), read back with ``jax.profiler.ProfileData``: every kernel event on the GPU's stream
 lines, summed by name and divided by ``iters``, and the device span of a call (first kernel
 start to last kernel end: kernel time plus the gaps between kernels). mamba_ssm:
 ``torch.profiler`` around the same number of calls of ``mamba_chunk_scan_combined`` (forward,
@@ -84,11 +84,11 @@ def profile_ours(shape, config: dict, iters: int):
     cfg = SSDKernelConfig(chunk_size=shape[-1], dt_softplus=True, **config)
     fwd = jax.jit(lambda *a: ssd_pallas(cfg, *a[:6], None, a[6], None, None)[:2])
 
-    def loss(*a):
-        y = ssd_pallas(cfg, *a[:6], None, a[6], None, None)[0]
-        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+    def fwd_and_vjp(*a):  # y and the vjp of dy, as bench_kernels times it
+        y, pullback = jax.vjp(lambda *a: ssd_pallas(cfg, *a[:6], None, a[6], None, None)[0], *a)
+        return y, pullback(dy)
 
-    grad = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    grad = jax.jit(fwd_and_vjp)
     out = {}
     for name, fn in (("fwd", fwd), ("fwd_bwd", grad)):
         for _ in range(3):

@@ -328,7 +328,8 @@ def test_dense_layout_is_static():
     kernels before the Pallas calls), only dt's processing runs in XLA beside them."""
     S = jax.ShapeDtypeStruct
     b, l, h, p, g, n, q = 2, 1024, 8, 64, 1, 128, 256
-    cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True)
+    # (the Triton output kernel: the Mosaic GPU one reads h0 through a bf16 convert)
+    cfg = SSDKernelConfig(chunk_size=q, dt_softplus=True, out_kernel="triton")
     f = jax.jit(lambda x, dt, A, B, C, D, bias: ssd_pallas(cfg, x, dt, A, B, C, D, None, bias,
                                                             None, None)[:2])
     text = f.trace(S((b, l, h, p), jnp.bfloat16), S((b, l, h), jnp.float32), S((h,), jnp.float32),

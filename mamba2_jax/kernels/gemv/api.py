@@ -11,10 +11,8 @@ within one rounding of the output.
 Backends: ``impl="pallas"`` is the split-K Triton kernel (``pallas_gemv.py``), made for small
 m, where XLA's GEMV does not reach the memory bandwidth; ``impl="xla"`` is ``reference.py``.
 ``impl="auto"`` takes the kernel on a GPU when ``m <= MAX_AUTO_ROWS`` (16), XLA otherwise.
-``block_n`` / ``block_k`` / ``splits`` (and ``method``, ``reduce``, ``num_warps``,
-``num_stages``) override the kernel's launch parameters (for sweeps); they are ignored by XLA.
-``reduce="atomic"`` sums the K slabs in the kernel with float atomics (not bit-reproducible
-from run to run; see ``pallas_gemv``).
+``block_n`` / ``block_k`` / ``splits`` (and ``method``, ``num_warps``, ``num_stages``)
+override the kernel's launch parameters (for sweeps); they are ignored by XLA.
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import resolve_impl
-from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, REDUCES,
-                                                 SM_COUNT, check_layout, gemv_pallas)
+from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, SM_COUNT,
+                                                 check_layout, gemv_pallas)
 from mamba2_jax.kernels.gemv.reference import gemv_ref
 
 MAX_AUTO_ROWS = 16
@@ -59,7 +57,7 @@ def decode_takes_kernel(impl, rows: int, *, mesh=None, auto: bool = False) -> bo
 
 def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str = "auto",
          interpret: bool = False, block_n=None, block_k=None, splits=None, method=None,
-         reduce: str = "partials", num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
+         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
     """``x @ w (+ bias)`` with float32 accumulation, in ``out_dtype`` (None: x.dtype; float32
     keeps the accumulator's precision, e.g. for logits); see the module docstring.
     ``w_layout="out_in"``: w is [N, K] and the product is ``x @ w.T``."""
@@ -94,8 +92,6 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
                          f"{out_dtype}")
     if method is not None and method not in METHODS:
         raise ValueError(f"{op}: method must be one of {METHODS} or None, got {method!r}")
-    if reduce not in REDUCES:
-        raise ValueError(f"{op}: reduce must be one of {REDUCES}, got {reduce!r}")
     if method in (None, "dot") and any(v is not None and v < 16 for v in (block_n, block_k)):
         raise ValueError(f"{op}: method='dot' (the default) needs block_n and block_k >= 16; "
                          f"method='fma' takes smaller blocks")
@@ -114,7 +110,7 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
     if backend == "xla":
         return gemv_ref(x, w, bias, w_layout=w_layout, out_dtype=out_dtype)
     out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
-                      method=method, w_layout=w_layout, reduce=reduce,
+                      method=method, w_layout=w_layout,
                       out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
                       num_warps=num_warps, num_stages=num_stages, sm_count=_sm_count(),
                       interpret=interpret)

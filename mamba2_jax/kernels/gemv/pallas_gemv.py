@@ -10,18 +10,9 @@ Grid (cdiv(N, bn), S): program (j, s) owns columns ``j*bn : (j+1)*bn`` and the K
 ``s*ks : (s+1)*ks`` (``ks`` a multiple of ``bk``). It walks the slab in ``bk``-row tiles
 (``lax.fori_loop`` when there is more than one); each tile row is ``bn`` contiguous elements
 of ``w`` (coalesced), the matching ``x`` tile ``[mp, bk]`` is loaded once per k-tile (it is tiny
-and stays in L2). Two ways to sum the slabs (``reduce``):
-
-* ``"partials"`` (the default): each program writes its float32 partial sums ``[m, bn]`` into
-  ``partials[s]``; an XLA ``sum(axis=0)`` (+ bias, cast to ``x.dtype``) finishes: a second
-  launch, and ``S * m * N * 4`` bytes of extra traffic (0.6% of the weight bytes for m=1,
-  K=2560, N=10576, S=8).
-* ``"atomic"``: each program adds its rows into one float32 ``[m, cdiv(N, bn) * bn]`` buffer
-  with ``atomic_add`` (the zeroed buffer donated to the call through ``input_output_aliases``):
-  no partials written and read back and no reduction kernel; XLA still fills the buffer with
-  zeros before the call and takes the slice, bias and cast after it (fusible into the
-  consumers). Float atomics add in whatever order the programs finish, so the low bits of the
-  result can differ from run to run (the partials path is deterministic). Not yet timed.
+and stays in L2). It writes its float32 partial sums ``[m, bn]`` into ``partials[s]``; an XLA
+``sum(axis=0)`` (+ bias, cast to ``x.dtype``) finishes: a second launch, and ``S * m * N * 4``
+bytes of extra traffic (0.6% of the weight bytes for m=1, K=2560, N=10576, S=8).
 
 Two ways to combine a tile (``method``):
 
@@ -71,7 +62,6 @@ MAX_BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 METHODS = ("fma", "dot")
-REDUCES = ("partials", "atomic")  # how the K slabs are summed (see the module docstring)
 W_LAYOUTS = ("in_out", "out_in")  # w [K, N] (Flax kernels), or [N, K] (e.g. a tied embedding)
 
 
@@ -144,9 +134,8 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
                 grid=(_cdiv(N, bn), S))
 
 
-def _gemv_kernel(x_ref, w_ref, *refs, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
-                 precision, out_in, atomic):
-    o_ref = refs[-1]  # partials [S, m, N], or (atomic) the zeroed sum [m, Np] after its alias
+def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
+                 precision, out_in):
     j, s = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(j * bn, bn)
     ragged_n = N % bn != 0
@@ -201,14 +190,6 @@ def _gemv_kernel(x_ref, w_ref, *refs, m, mp, K, N, bn, bk, ks, n_k, method, ragg
     acc = tile(0, acc) if n_k == 1 else jax.lax.fori_loop(0, n_k, tile, acc)
     if method == "fma":  # the one cross-thread reduction, after the loop
         acc = jnp.sum(acc, axis=2 if out_in else 1)
-    if atomic:  # no masks: the buffer's columns are padded to whole blocks
-        if mp == m:
-            plt.atomic_add(o_ref, (pl.ds(0, m), pl.ds(n0, bn)), acc)
-        else:  # padded rows: row by row, a masked sum picking row r (Triton has no static slice)
-            for r in range(m):
-                row = jnp.sum(jnp.where(rows[:, None] == r, acc, 0.0), axis=0)
-                plt.atomic_add(o_ref, (pl.ds(r, 1), pl.ds(n0, bn)), row[None, :])
-        return
     out = o_ref.at[s, pl.ds(0, mp), pl.ds(n0, bn)]
     if mp != m or ragged_n:
         omask = (jnp.broadcast_to((rows < m)[:, None], (mp, bn))
@@ -218,52 +199,43 @@ def _gemv_kernel(x_ref, w_ref, *refs, m, mp, K, N, bn, bk, ks, n_k, method, ragg
         out[...] = acc
 
 
-def gemv_partials(x, w, *, p, w_layout="in_out", reduce="partials", num_warps=NUM_WARPS,
-                  num_stages=NUM_STAGES, interpret=False):
+def gemv_partials(x, w, *, p, w_layout="in_out", num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                  interpret=False):
     """The float32 split-K partial products ``[S, m, N]`` of ``x [m, K] @ w`` (w [K, N], or
     [N, K] with ``w_layout="out_in"``) for the launch plan ``p`` (from ``plan``); their sum
-    over axis 0 is the product. ``reduce="atomic"``: that sum itself, ``[1, m, N]``, added up in
-    the kernel (see the module docstring)."""
+    over axis 0 is the product."""
     m, K = x.shape
     out_in = check_layout(w_layout)
-    if reduce not in REDUCES:
-        raise ValueError(f"gemv: reduce must be one of {REDUCES}, got {reduce!r}")
-    atomic = reduce == "atomic"
     N = w.shape[0] if out_in else w.shape[1]
     precision = (jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None)
     kernel = functools.partial(
         _gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
         n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision,
-        out_in=out_in, atomic=atomic)
-    padded = (m, p["grid"][0] * p["bn"])  # the atomic sum: whole column blocks
-    out = pl.pallas_call(
+        out_in=out_in)
+    return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(padded if atomic else (p["S"], m, N), jnp.float32),
-        grid=p["grid"], input_output_aliases={2: 0} if atomic else {},
+        out_shape=jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32),
+        grid=p["grid"],
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="gemv_splitk",
-    )(x, w, *((jnp.zeros(padded, jnp.float32),) if atomic else ()))
-    return out[None, :, :N] if atomic else out
+    )(x, w)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",
-                                             "w_layout", "out_dtype", "reduce", "num_warps",
-                                             "num_stages", "sm_count", "interpret"))
+                                             "w_layout", "out_dtype", "num_warps", "num_stages",
+                                             "sm_count", "interpret"))
 def gemv_pallas(x, w, bias=None, *, block_n=None, block_k=None, splits=None, method=None,
-                w_layout: str = "in_out", out_dtype=None, reduce: str = "partials",
-                num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-                sm_count: int = SM_COUNT, interpret: bool = False):
+                w_layout: str = "in_out", out_dtype=None, num_warps: int = NUM_WARPS,
+                num_stages: int = NUM_STAGES, sm_count: int = SM_COUNT, interpret: bool = False):
     """``x [m, K] @ w (+ bias [N])`` in ``out_dtype`` (None: ``x.dtype``; w [K, N], or [N, K]
-    with ``w_layout="out_in"``): the kernel's partials summed by XLA, or (``reduce="atomic"``)
-    its own float32 sum; the bias added in float32. Shapes and dtypes are the caller's to check
-    (``api.gemv`` does)."""
+    with ``w_layout="out_in"``): the kernel's partials, summed (and the bias added) in float32
+    by XLA. Shapes and dtypes are the caller's to check (``api.gemv`` does)."""
     m, K = x.shape
     N = w.shape[0] if check_layout(w_layout) else w.shape[1]
     p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
              sm_count=sm_count)
-    out = jnp.sum(gemv_partials(x, w, p=p, w_layout=w_layout, reduce=reduce,
-                                num_warps=num_warps, num_stages=num_stages,
-                                interpret=interpret), axis=0)
+    out = jnp.sum(gemv_partials(x, w, p=p, w_layout=w_layout, num_warps=num_warps,
+                                num_stages=num_stages, interpret=interpret), axis=0)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype if out_dtype is None else out_dtype)

@@ -19,7 +19,7 @@ from mamba2_jax.kernels.common import check_pow2, process_dt, with_reference_gra
 from mamba2_jax.kernels.ssd.decays import DECAYS_LAUNCH
 from mamba2_jax.kernels.ssd.layout import ChunkPlan
 from mamba2_jax.kernels.ssd.pallas_bwd import ssd_backward_chunked
-from mamba2_jax.kernels.ssd.pallas_fwd import ssd_forward_chunked
+from mamba2_jax.kernels.ssd.pallas_fwd import OUTPUT_KERNELS, ssd_forward_chunked
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
 
 BACKWARDS = ("pallas", "xla")  # SSDKernelConfig.backward: Pallas kernels, or the XLA fallback
@@ -43,6 +43,9 @@ class SSDKernelConfig:
     num_stages: int = 3
     out_num_warps: int | None = None  # the output kernel's launch (None: num_warps)
     out_num_stages: int | None = None  # (None: num_stages)
+    out_kernel: str = "mgpu"  # the Mosaic GPU output kernel (mgpu_output.py) on the calls it
+    #                          takes (bf16 dense batches on Hopper), else "triton"; H200 fwd ms
+    #                          0.334 / 0.614 / 0.487 / 2.328 against 0.377 / 0.705 / 0.573 / 2.693
     chunk_states: bool = False  # also return the float32 state after every chunk
     decays: str = "pallas"  # the decay terms: their Pallas kernel, or "xla" (its twin)
     decays_heads: int = DECAYS_LAUNCH[0]  # at most this many heads per decays program
@@ -66,6 +69,9 @@ class SSDKernelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SSDKernelConfig: {name} must be a bool, got "
                                  f"{getattr(self, name)!r}")
+        if self.out_kernel not in OUTPUT_KERNELS:
+            raise ValueError(f"SSDKernelConfig.out_kernel must be one of {OUTPUT_KERNELS}, got "
+                             f"{self.out_kernel!r}")
         if self.decays not in DECAYS:
             raise ValueError(f"SSDKernelConfig.decays must be one of {DECAYS}, got "
                              f"{self.decays!r}")
@@ -119,6 +125,7 @@ def _forward_kwargs(cfg: SSDKernelConfig, p: int) -> dict:
         pass_block_p=cfg.pass_block_p,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, out_num_warps=cfg.out_num_warps,
         out_num_stages=cfg.out_num_stages, row_blocks=cfg.row_blocks, decays=cfg.decays,
+        out_kernel=cfg.out_kernel,
         decays_launch=decays_launch(cfg), interpret=cfg.interpret)
 
 
@@ -131,20 +138,20 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg), interpret=cfg.interpret)
 
 
-def _core_primal(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
+def _core_primal(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
     # Without a gradient the output kernel is the only reader of every chunk's state: unless
     # they are returned, the pass writes them in the operand dtype (the kernel rounds them to it).
     y, end, final = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
-                                        full_states=cfg.chunk_states,
+                                        full_states=cfg.chunk_states, dense=dense,
                                         **_forward_kwargs(cfg, x.shape[-1]))
     return y, final, end if cfg.chunk_states else None
 
 
-def _core_fwd(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
+def _core_fwd(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
     # with a gate, also the output before it (dz needs it); and the decay terms, which the
     # backward reads again
     outs = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
-                               return_pre_gate=z is not None, return_decays=True,
+                               return_pre_gate=z is not None, return_decays=True, dense=dense,
                                **_forward_kwargs(cfg, x.shape[-1]))
     y, end, final, dec = outs[0], outs[1], outs[2], outs[-1]
     pre = outs[3] if z is not None else None
@@ -153,7 +160,8 @@ def _core_fwd(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index):
     return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec)
 
 
-def _core_bwd(cfg, res, cotangents):
+def _core_bwd(cfg, dense, res, cotangents):
+    del dense
     x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec = res
     dy, dfinal, dchunks = cotangents
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
@@ -162,9 +170,10 @@ def _core_bwd(cfg, res, cotangents):
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 
 
-# _core(cfg, x, dt, A, B, C, D, z, h0, is_first, init_index) -> (y, final states, every chunk's
-# end state or None) on the chunk layout, forward and backward through the Pallas kernels.
-_core = jax.custom_vjp(_core_primal, nondiff_argnums=(0,))
+# _core(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index) -> (y, final states, every
+# chunk's end state or None) on the chunk layout, forward and backward through the Pallas
+# kernels; ``dense``: no packed varlen input (row r is one sequence, from h0[r]).
+_core = jax.custom_vjp(_core_primal, nondiff_argnums=(0, 1))
 _core.defvjp(_core_fwd, _core_bwd)
 
 
@@ -176,7 +185,7 @@ def _forward(cfg: SSDKernelConfig, x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens
     dtp = process_dt(dt, dt_bias, cfg.dt_softplus, cfg.dt_limit)
     h0f = jnp.zeros((m, h, p, n), jnp.float32) if h0 is None else h0.astype(jnp.float32)
     y, final, end = _core(
-        cfg, plan.to_chunks(x), plan.to_chunks(dtp), A.astype(jnp.float32),
+        cfg, cu_seqlens is None, plan.to_chunks(x), plan.to_chunks(dtp), A.astype(jnp.float32),
         plan.to_chunks(B.astype(x.dtype)), plan.to_chunks(C.astype(x.dtype)),
         jnp.zeros((h,), jnp.float32) if D is None else D.astype(jnp.float32),
         None if z is None else plan.to_chunks(z.astype(x.dtype)), h0f,

@@ -20,6 +20,9 @@ With ``a = dt * A``:
              + D x_i,   then y_i *= silu(z_i)
    with ``S_prev`` = h0 at a sequence's first chunk, else ``end[c - 1]``.
 
+   On Hopper the Mosaic GPU twin of this kernel (``mgpu_output.py``: TMA, wgmma) takes the
+   bf16 dense calls (``out_kernel="mgpu"``, the default), measured faster on an H200.
+
 Exponents are always differences ``acum_i - acum_j <= 0`` taken before ``exp`` (masked to
 -inf above the diagonal), never a product ``exp(acum_i) * exp(-acum_j)``.
 Dtype policy: matmul operands in the input dtype (bf16 or fp32; fp32 dots at HIGHEST
@@ -30,6 +33,7 @@ changes no result), float32 accumulation and states, ``y`` in ``x.dtype``.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from mamba2_jax.kernels.ssd.decays import DECAYS_LAUNCH, Decays, decays_for
+from mamba2_jax.kernels.ssd.mgpu_output import chunk_outputs_mgpu, mgpu_unsupported
+
+log = logging.getLogger("mamba2_jax")
+OUTPUT_KERNELS = ("triton", "mgpu")  # the output kernel: Pallas on Triton, or on Mosaic GPU
 
 
 def operand_dtype(dtype):
@@ -111,11 +119,12 @@ def _local_state_kernel(x_ref, B_ref, w_ref, loc_ref, *, q, bk, bp, heads_per_gr
         x_ref, B_ref, w_ref, bi, ci, hi, hi // heads_per_group, pb, q=q, bk=bk, bp=bp, fp32=fp32)
 
 
-def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, final_ref, *, bp):
+def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, final_ref,
+                 *copy_ref, bp):
     """S_c = exp(total_c) S_{c-1} + loc_c (reset to h0 at first chunks); grid (b, h, p / bp).
 
-    Writes S_c for every chunk (in ``end_ref``'s dtype) and ``final [m, h, p, n]``: S at the
-    last chunk of each sequence (``_last_of_sequence``).
+    Writes S_c for every chunk (in ``end_ref``'s dtype, and in ``copy_ref``'s when given) and
+    ``final [m, h, p, n]``: S at the last chunk of each sequence (``_last_of_sequence``).
     """
     bi, hi, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nc = end_ref.shape[1]
@@ -125,6 +134,8 @@ def _pass_kernel(loc_ref, total_ref, first_ref, index_ref, h0_ref, end_ref, fina
         S = jnp.where(first_ref[bi, c] != 0, h0_ref[index_ref[bi, c], hi, ps, :], S)
         S = jnp.exp(total_ref[bi, c, hi]) * S + loc_ref[bi, c, hi, ps, :]
         end_ref[bi, c, hi, ps, :] = S.astype(end_ref.dtype)
+        if copy_ref:
+            copy_ref[0][bi, c, hi, ps, :] = S.astype(copy_ref[0].dtype)
 
         @pl.when(_last_of_sequence(index_ref, bi, c, nc))
         def _():
@@ -202,22 +213,27 @@ def local_states(x, B, w, *, chunk_size, block_k=32, block_p=None, num_warps=4, 
 
 
 def state_pass(loc, total, is_first, init_index, h0, dtype, *, pass_block_p=None,
-               full_states=True, num_warps=4, num_stages=3, interpret=False):
+               full_states=True, operand_copy=False, num_warps=4, num_stages=3,
+               interpret=False):
     """Kernel 1b: the states leaving every chunk and each sequence's final state, from the
     chunks' own states ``loc`` and decays ``total``.
 
     Returns ``(end, final)``: ``end [b, c, h, p, n]`` in float32 with ``full_states``, else in
     the matmul operand dtype of ``dtype`` (the inputs'; all the output kernel reads); ``final``
     [m, h, p, n] float32 (h0's leading size m; a sequence with no chunk keeps an unwritten row).
-    ``pass_block_p``: head-dim rows per program (None: all p).
+    ``pass_block_p``: head-dim rows per program (None: all p). ``operand_copy`` (with
+    ``full_states``): also return the states in the operand dtype, third (the Mosaic GPU output
+    kernel's operand beside the float32 states the backward reads).
     """
     b, c, h, p, n = loc.shape
     pp = step_size(pass_block_p, p)
     end_dtype = jnp.float32 if full_states else operand_dtype(dtype)
+    copies = (jax.ShapeDtypeStruct((b, c, h, p, n), operand_dtype(dtype)),) if (
+        full_states and operand_copy) else ()
     return launcher(interpret, num_warps, num_stages)(
         functools.partial(_pass_kernel, bp=pp),
         out_shape=(jax.ShapeDtypeStruct((b, c, h, p, n), end_dtype),
-                   jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
+                   jax.ShapeDtypeStruct(h0.shape, jnp.float32), *copies),
         grid=(b, h, p // pp), name="ssd_state_passing")(
         loc, total, is_first.astype(jnp.int32), init_index.astype(jnp.int32), h0)
 
@@ -247,10 +263,25 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
         h0, end, D.astype(jnp.float32), z if has_z else x)
 
 
+def output_kernel(choice, x, B, chunk_size, dense, interpret=False) -> str:
+    """The output kernel that runs: "mgpu" where ``choice`` asks for it and the Mosaic GPU kernel
+    takes the call (a debug log says why not otherwise), else "triton"."""
+    if choice not in OUTPUT_KERNELS:
+        raise ValueError(f"out_kernel must be one of {OUTPUT_KERNELS}, got {choice!r}")
+    if choice == "triton":
+        return "triton"
+    why = mgpu_unsupported(x, B, chunk_size, varlen=not dense, interpret=interpret)
+    if why is not None:
+        log.debug("SSD output kernel: Triton, not Mosaic GPU: %s", why)
+        return "triton"
+    return "mgpu"
+
+
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "block_n", "block_k", "block_p", "pass_block_p", "row_blocks",
     "num_warps", "num_stages", "out_num_warps", "out_num_stages", "full_states",
-    "return_pre_gate", "return_decays", "decays", "decays_launch", "interpret"))
+    "return_pre_gate", "return_decays", "decays", "decays_launch", "out_kernel", "dense",
+    "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_n: int | None = None, block_k: int = 32,
                         block_p: int | None = None, pass_block_p: int | None = None,
@@ -258,7 +289,8 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
                         out_num_warps: int | None = None, out_num_stages: int | None = None,
                         full_states: bool = True, return_pre_gate: bool = False,
                         return_decays: bool = False, decays: str = "pallas",
-                        decays_launch: tuple = DECAYS_LAUNCH, interpret: bool = False):
+                        decays_launch: tuple = DECAYS_LAUNCH, out_kernel: str = "triton",
+                        dense: bool = False, interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
@@ -271,7 +303,10 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
     ``decays``: the decay terms from their Pallas kernel ("pallas") or from XLA ("xla");
-    ``decays_launch``: that kernel's (max heads per program, num_warps).
+    ``decays_launch``: that kernel's (max heads per program, num_warps); ``out_kernel``:
+    "mgpu" runs the Mosaic GPU output kernel (``mgpu_output.py``) on the calls it takes (else,
+    and with "triton", the Triton one); ``dense``: row r of the batch is one sequence starting
+    from h0[r] (no packed varlen input).
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
@@ -280,10 +315,17 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
                       interpret=interpret)
     dec = decays_for(decays, dt, A, q, launch=decays_launch, interpret=interpret)
     loc = local_states(x, B, dec.w, chunk_size=q, block_k=block_k, block_p=block_p, **launch)
-    end, final = state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
-                            pass_block_p=pass_block_p, full_states=full_states, **launch)
-    out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
-                        block_m=block_m, block_n=block_n, row_blocks=row_blocks,
-                        return_pre_gate=return_pre_gate, **out_launch)
+    mgpu = output_kernel(out_kernel, x, B, q, dense, interpret) == "mgpu"
+    end, final, *copy = state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
+                                   pass_block_p=pass_block_p, full_states=full_states,
+                                   operand_copy=mgpu, **launch)
+    if mgpu:  # the states in bf16: end itself, or its copy when end is float32
+        out = chunk_outputs_mgpu(x, B, C, dec.acum, dec.dt, h0, copy[0] if copy else end, D,
+                                 z, chunk_size=q, return_pre_gate=return_pre_gate,
+                                 interpret=interpret)
+    else:
+        out = chunk_outputs(x, B, C, dec, is_first, init_index, h0, end, D, z, chunk_size=q,
+                            block_m=block_m, block_n=block_n, row_blocks=row_blocks,
+                            return_pre_gate=return_pre_gate, **out_launch)
     outs = (out[0], end, final, out[1]) if return_pre_gate else (out, end, final)
     return outs + (dec,) if return_decays else outs
