@@ -73,9 +73,9 @@ def _device_reason() -> str | None:
         return f"jax.experimental.pallas.mosaic_gpu does not import ({e})"
     device = jax.devices()[0]
     if device.platform == "gpu":  # (on a CPU host: lowering for "cuda", or interpret mode)
-        cc = getattr(device, "compute_capability", None)
-        if cc is None or float(cc) < 9.0:
-            return f"{device.device_kind} is not a Hopper-class GPU (compute capability {cc})"
+        cc = getattr(device, "compute_capability", None)  # "9.0" on an H100 / H200
+        if cc is None or str(cc).split(".")[0] != "9":  # wgmma: Hopper only (not sm_100)
+            return f"{device.device_kind} is not a Hopper GPU (compute capability {cc})"
     return None
 
 
