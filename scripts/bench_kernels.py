@@ -114,6 +114,20 @@ def torch_inputs(shape):
         dy=torch.randn(b, l, h, p, dtype=torch.bfloat16, **dev))
 
 
+def ours_fwd_bwd(cfg, dy, x, dt, A, B, C, D, bias):
+    """Our forward + backward as timed and profiled: y and the vjp of dy, what mamba_ssm's
+    ``y = f(...); y.backward(dy)`` computes, with no loss around y (under ``jax.grad`` of
+    ``sum(y * dy)`` XLA drops the forward's output kernel, which no gradient reads without a
+    gate, and adds the loss's fusions)."""
+    import jax
+
+    from mamba2_jax.kernels.ssd.pallas import ssd_pallas
+
+    f = lambda *a: ssd_pallas(cfg, *a[:5], a[5], None, a[6], None, None)[0]
+    y, pullback = jax.vjp(f, x, dt, A, B, C, D, bias)
+    return y, pullback(dy)
+
+
 def ssd_cost(b, l, h, p, g, n, q, itemsize=2):
     """Minimal FLOPs and bytes of one forward.
 
@@ -413,18 +427,10 @@ def main():
             write_results(args.out, device, bandwidth, matmul_rate, rows)
             continue
         # forward + backward: ours through the Pallas backward kernels
-        def fwd_bwd(cfg, x, dt, A, B, C, D, bias):
-            # y and the vjp of dy: what theirs computes (y = f(...); y.backward(dy)), with no
-            # loss reduction around y. (Under jax.grad of sum(y * dy), as before, XLA drops
-            # the forward's output kernel, which no gradient reads, but adds the loss's fusions.)
-            f = lambda *a: ssd_pallas(cfg, *a[:5], a[5], None, a[6], None, None)[0]
-            y, pullback = jax.vjp(f, x, dt, A, B, C, D, bias)
-            return y, pullback(dy)
-
         best_bwd = None
         for spec in args.bwd_configs.split(";"):
             bcfg = dataclasses.replace(cfg, **config_fields(spec))
-            grad_fn = jax.jit(functools.partial(fwd_bwd, bcfg))
+            grad_fn = jax.jit(functools.partial(ours_fwd_bwd, bcfg, dy))
             try:
                 ms = timeit(lambda: grad_fn(x, dt, A, B, C, D, bias), jsync, reps=5)
             except Exception as e:

@@ -4,9 +4,10 @@
     python scripts/profile_ssd.py --side mamba_ssm --peers .peers --shapes 0,3
 
 Ours: ``jax.profiler.trace`` around ``iters`` calls of the jitted forward and of forward +
-backward (y and the vjp of dy, as ``bench_kernels.py`` times it), read back with ``jax.profiler.ProfileData``: every kernel event on the GPU's stream
-lines, summed by name and divided by ``iters``, and the device span of a call (first kernel
-start to last kernel end: kernel time plus the gaps between kernels). mamba_ssm:
+backward (``bench_kernels.ours_fwd_bwd``: y and the vjp of dy), read back with
+``jax.profiler.ProfileData``: every kernel event on the GPU's stream lines, summed by name
+and divided by ``iters``, and the device span of a call (first kernel start to last kernel
+end: kernel time plus the gaps between kernels). mamba_ssm:
 ``torch.profiler`` around the same number of calls of ``mamba_chunk_scan_combined`` (forward,
 forward + autograd backward), kernel device times by name. One side per process (both
 profilers use CUPTI). Same inputs as ``bench_kernels.py``. Writes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -28,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import SHAPES, config_fields, torch_inputs  # noqa: E402
+from bench_kernels import SHAPES, config_fields, ours_fwd_bwd, torch_inputs  # noqa: E402
 
 
 def kernel_table(totals_ns: dict, iters: int):
@@ -83,12 +85,7 @@ def profile_ours(shape, config: dict, iters: int):
         "x", "dt", "A", "B", "C", "D", "dt_bias", "dy"))
     cfg = SSDKernelConfig(chunk_size=shape[-1], dt_softplus=True, **config)
     fwd = jax.jit(lambda *a: ssd_pallas(cfg, *a[:6], None, a[6], None, None)[:2])
-
-    def fwd_and_vjp(*a):  # y and the vjp of dy, as bench_kernels times it
-        y, pullback = jax.vjp(lambda *a: ssd_pallas(cfg, *a[:6], None, a[6], None, None)[0], *a)
-        return y, pullback(dy)
-
-    grad = jax.jit(fwd_and_vjp)
+    grad = jax.jit(functools.partial(ours_fwd_bwd, cfg, dy))
     out = {}
     for name, fn in (("fwd", fwd), ("fwd_bwd", grad)):
         for _ in range(3):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba2_jax.kernels.ssd import ssd_chunk_scan
+from mamba2_jax.kernels.ssd import ssd_chunk_scan, ssd_sequential_ref
 from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, ssd_pallas
 from mamba2_jax.kernels.ssd.pallas_fwd import output_kernel
 
@@ -62,6 +62,10 @@ def test_interpret_matches_reference(b, l, h, p, g, n, q, opts):
     y_ref, final_ref = scan(v, q, "xla", **kw)
     assert y.dtype == jnp.bfloat16 and y.shape == v["x"].shape
     assert rel(y, y_ref) < 2e-2 and rel(final, final_ref) < 2e-2
+    y_seq, final_seq = ssd_sequential_ref(  # the token-by-token scan
+        v["x"], v["dt"], v["A"], v["B"], v["C"], dt_softplus=True, D=kw["D"], z=kw["z"],
+        initial_states=kw["h0"])
+    assert rel(y, y_seq) < 2e-2 and rel(final, final_seq) < 2e-2
 
 
 def _lowered(q=256, out_kernel="mgpu", dtype=jnp.bfloat16, varlen=False):

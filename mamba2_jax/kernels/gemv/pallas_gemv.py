@@ -62,6 +62,7 @@ MAX_BLOCK_K = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 METHODS = ("fma", "dot")
+DEFAULT_METHOD = "dot"  # at every m (see the module docstring)
 W_LAYOUTS = ("in_out", "out_in")  # w [K, N] (Flax kernels), or [N, K] (e.g. a tied embedding)
 
 
@@ -76,12 +77,6 @@ def check_layout(w_layout: str) -> bool:
     return w_layout == "out_in"
 
 
-def default_method(m: int) -> str:
-    """The tile combination of the default plan: "dot" at every m (see the module docstring)."""
-    del m
-    return "dot"
-
-
 def padded_rows(m: int, method: str) -> int:
     mp = next_pow2(m)
     return max(mp, 16) if method == "dot" else mp
@@ -90,7 +85,7 @@ def padded_rows(m: int, method: str) -> int:
 def default_config(m: int, K: int, N: int, *, method: str | None = None,
                    sm_count: int = SM_COUNT, programs_per_sm: int = PROGRAMS_PER_SM):
     """``(block_n, block_k, splits)`` for an [m, K] @ [K, N] product (see the module docstring)."""
-    method = method or default_method(m)
+    method = method or DEFAULT_METHOD
     mp = padded_rows(m, method)
     if method == "fma":
         bn = 128 if mp <= 2 else 64
@@ -109,7 +104,7 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
          sm_count: int = SM_COUNT):
     """The static launch plan: a dict with method, mp, bn, bk, ks (rows per slab), n_k (tiles
     per slab), S (slabs, none empty) and grid."""
-    method = method or default_method(m)
+    method = method or DEFAULT_METHOD
     if method not in METHODS:
         raise ValueError(f"gemv: method must be one of {METHODS}, got {method!r}")
     dbn, dbk, dS = default_config(m, K, N, method=method, sm_count=sm_count)

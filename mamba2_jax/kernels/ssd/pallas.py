@@ -135,7 +135,8 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         chunk_size=cfg.chunk_size, block_m=cfg.bwd_block_m, dx_block_n=cfg.bwd_dx_block_n,
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, fused_dD=cfg.bwd_fused_dD, num_warps=cfg.bwd_num_warps,
-        num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg), interpret=cfg.interpret)
+        num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg),
+        interpret=cfg.interpret)
 
 
 def _core_primal(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
