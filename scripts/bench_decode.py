@@ -25,6 +25,12 @@ configurations; the default one and the best are reported. Achieved bandwidth = 
 written + weight and bias + initial states read + final states written) / time, against the
 measured copy bandwidth. Writes ``conv_prefill_<device>.json``. (``--smoke``, hidden: tiny
 shapes, interpret mode, runs on the CPU.)
+
+    python scripts/bench_decode.py --ssu-sweep "64:4,32:4,16:2" --out benchmarks/results
+
+``--ssu-sweep`` times only our state-update kernel at each ``block_p:num_warps`` given, at
+batch >= 64, as the main table's device time (32 updates straight-line in one compiled program,
+the pool donated), against the measured copy bandwidth. Writes ``ssu_sweep_<device>.json``.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def parse_args(argv=None):
     ap.add_argument("--conv-prefill", action="store_true",
                     help="benchmark the prefill causal_conv1d (ours vs XLA) instead")
     # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
+    ap.add_argument("--ssu-sweep", default=None,
+                    help="time our state update kernel at these block_p:num_warps, ','-separated")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -264,8 +272,66 @@ def bench_conv_prefill(args):
               f"| {fmt(r.get('ours_best_bandwidth_fraction'))} | {r['rel_err_vs_xla']:.1e} |")
 
 
+def bench_ssu_sweep(args):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from mamba2_jax.kernels.state_update.pallas_ssu import selective_state_update_pallas
+
+    bandwidth, _ = ceilings(torch)
+    device = torch.cuda.get_device_name()
+    sync = lambda out: jax.block_until_ready(out) if out is not None else None
+    configs = [tuple(map(int, c.split(":"))) for c in args.ssu_sweep.split(",")]
+    rows = []
+    for h, p, g, n, b in [s for s in SHAPES if s[-1] >= 64]:
+        ks = jax.random.split(jax.random.PRNGKey(0), 8)
+        slots = 2 * b
+        pool = jax.random.normal(ks[0], (slots, h, p, n), jnp.float32)
+        x = jax.random.normal(ks[1], (b, h, p), jnp.bfloat16)
+        dt = jax.random.normal(ks[2], (b, h)) - 1.0
+        A = -jax.random.uniform(ks[3], (h,)) * 4 - 0.5
+        B = jax.random.normal(ks[4], (b, g, n), jnp.bfloat16)
+        C = jax.random.normal(ks[5], (b, g, n), jnp.bfloat16)
+        D, bias = jax.random.normal(ks[6], (h,)), jax.random.normal(ks[7], (h,))
+        idx = jax.random.permutation(jax.random.PRNGKey(1), slots)[:b].astype(jnp.int32)
+        row = dict(shape=dict(h=h, p=p, g=g, n=n, b=b), us={}, bandwidth_fraction={})
+        for bp, warps in configs:
+            def run(pool, bp=bp, warps=warps, steps=32):
+                acc = jnp.float32(0)
+                for _ in range(steps):
+                    y, pool = selective_state_update_pallas(
+                        pool, x, dt, A, B, C, D, bias, None, idx, softplus=True, block_p=bp,
+                        num_warps=warps)
+                    acc = acc + y[0, 0, 0].astype(jnp.float32)
+                return pool, acc
+            run = jax.jit(run, donate_argnums=0)
+            box = [pool]
+
+            def call(run=run):
+                box[0], acc = run(box[0])
+                return acc
+            ms = timeit(call, sync, iters=3, reps=5) / 32
+            pool = box[0]
+            key = f"{bp}:{warps}"
+            row["us"][key] = ms * 1e3
+            row["bandwidth_fraction"][key] = 2 * b * h * p * n * 4 / (ms * 1e-3) / bandwidth
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("ssu_sweep_" + device.replace(" ", "_") + ".json")).write_text(json.dumps(dict(
+        op="selective_state_update kernel, block_p:num_warps sweep", device=device,
+        date=datetime.date.today().isoformat(), jax=jax.__version__, copy_bandwidth_Bps=bandwidth,
+        timer="32 updates straight-line in one jitted program (pool donated), 3 calls + sync, "
+              "median of 5, per update", rows=rows), indent=2))
+
+
 def main():
     args = parse_args()
+    if args.ssu_sweep:
+        bench_ssu_sweep(args)
+        return
     if args.conv_prefill or args.smoke:
         bench_conv_prefill(args)
         return

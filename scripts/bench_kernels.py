@@ -128,6 +128,24 @@ def ours_fwd_bwd(cfg, dy, x, dt, A, B, C, D, bias):
     return y, pullback(dy)
 
 
+def theirs_fwd_bwd(scan, inputs, q):
+    """mamba_ssm's forward + backward as timed and profiled: a function running
+    ``y = scan(...); y.backward(dy)`` on leaf copies of ``inputs`` (a :func:`torch_inputs` dict;
+    ``scan``: ``mamba_chunk_scan_combined``), clearing their gradients first; returns (that
+    function, the leaves x, dt, A, B, C, D, dt_bias)."""
+    leaves = [inputs[k].detach().clone().requires_grad_(True)
+              for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
+
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        y = scan(*leaves[:5], q, D=leaves[5], dt_bias=leaves[6], dt_softplus=True)
+        y.backward(inputs["dy"])
+        return y
+
+    return run, leaves
+
+
 def ssd_cost(b, l, h, p, g, n, q, itemsize=2):
     """Minimal FLOPs and bytes of one forward.
 
@@ -207,11 +225,11 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     q = cfg.chunk_size
     first, index, h0 = dense_layout(x, B, q)
     dtp = jax.jit(lambda dt, bias: process_dt(dt, bias, True))(dt, bias)
-    _, end, _, dec = kf.ssd_forward_chunked(x, dtp, A, B, C, D, None, h0, first, index,
-                                            chunk_size=q, decays=cfg.decays,
-                                            decays_launch=decays_launch(cfg), return_decays=True,
-                                            interpret=interpret)
-    bwd_kw = dict(backward_kwargs(cfg), interpret=interpret)
+    _, end, _, dec, end_bf16 = kf.ssd_forward_chunked(
+        x, dtp, A, B, C, D, None, h0, first, index, chunk_size=q, decays=cfg.decays,
+        decays_launch=decays_launch(cfg), return_decays=True, return_operand_states=True,
+        dense=True, interpret=interpret)
+    bwd_kw = dict(backward_kwargs(cfg), dense=True, interpret=interpret)
     dfinal = jnp.zeros_like(h0)
     launch = dict(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, interpret=interpret)
     blocks = dict(chunk_size=q, block_m=cfg.bwd_block_m, heads=cfg.bwd_heads, **launch)
@@ -223,12 +241,18 @@ def backward_breakdown(cfg, x, dt, A, B, C, D, bias, dy, sync, interpret=False):
     dxdb = jax.jit(lambda dy, dec, G: kb.dx_dB(x, B, C, dy, dec, G, D,
                                                block_n=cfg.bwd_dx_block_n,
                                                with_dD=cfg.bwd_fused_dD, **blocks))
-    dc = jax.jit(lambda dy, dec, end: kb.dC_partials(x, B, C, dy, dec, first, index, h0, end,
-                                                     block_n=cfg.bwd_dc_block_n, **blocks))
+    if kb.which_dc_kernel(cfg.bwd_dc_kernel, x, B, q, True, interpret) == "mgpu":
+        hb = kb.heads_per_program(x.shape[2], B.shape[2], cfg.bwd_dc_heads)
+        dc = jax.jit(lambda dy, dec, end: kb.dC_partials_mgpu(
+            x, B, C, dy, dec.acum, dec.dt, h0, end_bf16, chunk_size=q, heads_per_program=hb,
+            interpret=interpret))
+    else:
+        dc = jax.jit(lambda dy, dec, end: kb.dC_partials(
+            x, B, C, dy, dec, first, index, h0, end, block_n=cfg.bwd_dc_block_n, **blocks))
     return dict(
         # the whole backward as the custom VJP runs it: on the forward's decay terms
         backward=timeit(lambda: whole(x, dtp, A, B, C, D, None, h0, first, index, None, end,
-                                      dy, dfinal, None, dec), sync),
+                                      dy, dfinal, None, dec, end_bf16), sync),
         gradient_states=timeit(lambda: states(dy, dec, end, dfinal), sync),
         dx_dB=timeit(lambda: dxdb(dy, dec, G), sync),
         dC=timeit(lambda: dc(dy, dec, end), sync))
@@ -258,7 +282,7 @@ def config_fields(spec: str) -> dict:
     return fields
 
 
-def grad_errors(grad_ours, theirs_fwd_bwd, leaves, args, q, dy):
+def grad_errors(grad_ours, their_fwd_bwd, leaves, args, q, dy):
     """Relative (Frobenius) error of ours' and mamba_ssm's bf16 gradients of sum(y * dy) against
     the XLA reference's (float32 arithmetic on the same bf16 inputs)."""
     import jax
@@ -273,7 +297,7 @@ def grad_errors(grad_ours, theirs_fwd_bwd, leaves, args, q, dy):
 
     want = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*args)
     ours = grad_ours(*args)[1]  # (y, gradients)
-    theirs_fwd_bwd()
+    their_fwd_bwd()
     theirs = [jnp.from_dlpack(t.grad.contiguous()) for t in leaves]
 
     def rel(a, b):
@@ -375,7 +399,8 @@ def main():
         picked = [SHAPES[int(i)] for i in args.shapes.split(",")]
     for shape in picked:
         b, l, h, p, g, n, q = shape
-        tx, tdt, tA, tB, tC, tD, tbias, tdy = torch_inputs(shape).values()
+        tin = torch_inputs(shape)
+        tx, tdt, tA, tB, tC, tD, tbias, tdy = tin.values()
         x, dt, A, B, C, D, bias, dy = (jnp.from_dlpack(t) for t in (tx, tdt, tA, tB, tC, tD, tbias, tdy))
 
         def theirs():
@@ -447,26 +472,17 @@ def main():
         except Exception as e:
             row["ours_bwd_breakdown_ms"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
         row["ours_backward"] = "pallas"
-        leaves = [t.detach().clone().requires_grad_(True) for t in (tx, tdt, tA, tB, tC, tD, tbias)]
-
-        def theirs_fwd_bwd():
-            for t in leaves:
-                t.grad = None
-            y = mamba_chunk_scan_combined(*leaves[:5], q, D=leaves[5], dt_bias=leaves[6],
-                                          dt_softplus=True)
-            y.backward(tdy)
-            return y
-
-        row["mamba_ssm_fwd_bwd_ms"] = timeit(theirs_fwd_bwd, tsync, reps=5)
+        their_fwd_bwd, leaves = theirs_fwd_bwd(mamba_chunk_scan_combined, tin, q)
+        row["mamba_ssm_fwd_bwd_ms"] = timeit(their_fwd_bwd, tsync, reps=5)
         try:  # their fwd+bwd device time: a CUDA graph of forward + autograd backward
-            graph = cuda_graph(torch, theirs_fwd_bwd)
+            graph = cuda_graph(torch, their_fwd_bwd)
             row["mamba_ssm_fwd_bwd_graph_ms"] = timeit(lambda: graph.replay(), tsync, reps=5)
         except Exception as e:
             row["mamba_ssm_fwd_bwd_graph_ms"] = (f"capture failed: {type(e).__name__}: "
                                                  f"{str(e)[:120]}")
         if args.grad_check and shape == picked[0]:
             row["grad_rel_err_vs_xla_fp32"] = grad_errors(
-                grad_fn, theirs_fwd_bwd, leaves, (x, dt, A, B, C, D, bias), q, dy)
+                grad_fn, their_fwd_bwd, leaves, (x, dt, A, B, C, D, bias), q, dy)
         if not args.no_xla:
             ref = jax.jit(lambda *a: ssd_chunk_scan(*a[:5], chunk_size=q, D=a[5], dt_bias=a[6],
                                                     dt_softplus=True, impl="xla"))

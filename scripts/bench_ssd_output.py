@@ -11,7 +11,47 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 SHAPES = [(1, 8192, 80, 64, 1, 128, 256), (1, 8192, 128, 64, 8, 128, 256)]
+
+
+def forward_inputs(shape, seed=0):
+    """Random bf16 inputs of one shape and our forward's results on them: (x, B, C, D, is_first,
+    init_index, h0, y, end states in bf16, decay terms), dense layout, zero initial states."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench_kernels import dense_layout
+    from mamba2_jax.kernels.ssd import pallas_fwd as k
+
+    b, l, h, p, g, n, q = shape
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    x = jax.random.normal(ks[0], (b, l, h, p), jnp.bfloat16)
+    B = (0.3 * jax.random.normal(ks[1], (b, l, g, n))).astype(jnp.bfloat16)
+    C = (0.3 * jax.random.normal(ks[2], (b, l, g, n))).astype(jnp.bfloat16)
+    dt = jax.nn.softplus(jax.random.normal(ks[3], (b, l, h)) - 2.0)
+    A = -jnp.exp(0.5 * jax.random.normal(ks[4], (h,)))
+    D = jax.random.normal(ks[5], (h,))
+    first, index, h0 = dense_layout(x, B, q)
+    y, end, _, dec = k.ssd_forward_chunked(
+        x, dt, A, B, C, D, None, h0, first, index, chunk_size=q, block_n=32,
+        full_states=False, return_decays=True)
+    return x, B, C, D, first, index, h0, y, end, dec
+
+
+def write_rows(folder, prefix, op, rows):
+    """``<folder>/<prefix>_<device>.json``: the rows of a kernel-alone benchmark, with the
+    device, the versions and the timer."""
+    import jax
+    import triton
+
+    device = jax.devices()[0].device_kind
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{prefix}_{device.replace(' ', '_')}.json").write_text(json.dumps(dict(
+        op=op, device=device, jax=jax.__version__, triton=triton.__version__,
+        timer="bench_kernels.timeit (wall clock, median)", rows=rows), indent=2))
 
 
 def main():
@@ -25,23 +65,12 @@ def main():
     from mamba2_jax.kernels.ssd import pallas_fwd as k
     from mamba2_jax.kernels.ssd.mgpu_output import chunk_outputs_mgpu
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_kernels import dense_layout, timeit
+    from bench_kernels import timeit
 
     rows = []
     for shape in SHAPES:
-        b, l, h, p, g, n, q = shape
-        ks = jax.random.split(jax.random.PRNGKey(0), 6)
-        x = jax.random.normal(ks[0], (b, l, h, p), jnp.bfloat16)
-        B = (0.3 * jax.random.normal(ks[1], (b, l, g, n))).astype(jnp.bfloat16)
-        C = (0.3 * jax.random.normal(ks[2], (b, l, g, n))).astype(jnp.bfloat16)
-        dt = jax.nn.softplus(jax.random.normal(ks[3], (b, l, h)) - 2.0)
-        A = -jnp.exp(0.5 * jax.random.normal(ks[4], (h,)))
-        D = jax.random.normal(ks[5], (h,))
-        first, index, h0 = dense_layout(x, B, q)
-        y_tri, end, _, dec = k.ssd_forward_chunked(
-            x, dt, A, B, C, D, None, h0, first, index, chunk_size=q, block_n=32,
-            full_states=False, return_decays=True)
+        q = shape[-1]
+        x, B, C, D, first, index, h0, y_tri, end, dec = forward_inputs(shape)
         sync = jax.block_until_ready
         triton = jax.jit(lambda x, B, C, dec, end: k.chunk_outputs(
             x, B, C, dec, first, index, h0, end, D, None, chunk_size=q, block_m=64,
@@ -63,16 +92,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        import triton
-
-        device = jax.devices()[0].device_kind
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        name = "ssd_output_" + device.replace(" ", "_") + ".json"
-        (out / name).write_text(json.dumps(dict(
-            op="SSD chunk-output kernel alone", device=device, jax=jax.__version__,
-            triton=triton.__version__, timer="bench_kernels.timeit (wall clock, median)",
-            rows=rows), indent=2))
+        write_rows(args.out, "ssd_output", "SSD chunk-output kernel alone", rows)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import SHAPES, config_fields, ours_fwd_bwd, torch_inputs  # noqa: E402
+from bench_kernels import (SHAPES, config_fields, ours_fwd_bwd, theirs_fwd_bwd,  # noqa: E402
+                           torch_inputs)
 
 
 def kernel_table(totals_ns: dict, iters: int):
@@ -108,20 +109,13 @@ def profile_mamba_ssm(shape, peers: str, iters: int):
 
     t = torch_inputs(shape)
     q = shape[-1]
-    leaves = [t[k].detach().clone().requires_grad_(True)
-              for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
 
     def fwd():
         return mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], q, D=t["D"],
                                          dt_bias=t["dt_bias"], dt_softplus=True,
                                          return_final_states=True)
 
-    def fwd_bwd():
-        for leaf in leaves:
-            leaf.grad = None
-        y = mamba_chunk_scan_combined(*leaves[:5], q, D=leaves[5], dt_bias=leaves[6],
-                                      dt_softplus=True)
-        y.backward(t["dy"])
+    fwd_bwd, _ = theirs_fwd_bwd(mamba_chunk_scan_combined, t, q)
 
     out = {}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):

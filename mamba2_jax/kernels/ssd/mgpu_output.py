@@ -98,6 +98,57 @@ def mgpu_unsupported(x, B, chunk_size: int, *, varlen: bool, interpret: bool = F
     return None if interpret else _device_reason()
 
 
+def wgmma(acc_ref, a, b_ref, scratch, wg, *, transpose_b=False, interpret=False):
+    """``acc += a @ b`` on the tensor cores (``b^T`` with ``transpose_b``; ``a`` from registers
+    unless a ref). GPU interpret mode (jax 0.10) takes untransposed shared-memory operands only:
+    there both go through warpgroup ``wg``'s slot of the scratch pair ``scratch`` first."""
+    plgpu = _plgpu()
+    if not interpret:
+        return plgpu.wgmma(acc_ref, a, b_ref.transpose((1, 0)) if transpose_b else b_ref)
+    if not isinstance(a, jax.Array):
+        a = a[...]
+    a_s, b_s = scratch[0].at[wg], scratch[1].at[wg]
+    a_s[...] = a
+    b_s[...] = b_ref[...].T if transpose_b else b_ref[...]
+    plgpu.wgmma(acc_ref, a_s, b_s)
+
+
+def decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret=False):
+    """``s_ij exp(acum_i - acum_j) dt_j`` for the 64-column block j of a [64, 64] float32 score
+    block in the WGMMA layout (rows i: ``acum_i`` in its row layout; ``acum_s`` / ``dt_s``: the
+    chunk's vectors in shared memory); with ``diagonal`` zero above the diagonal (j the row
+    block). The exponent is the difference, <= 0 on and below the diagonal."""
+    plgpu = _plgpu()
+    cast = (lambda v, layout: v) if interpret else plgpu.layout_cast
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    acum_j = cast(acum_s.at[pl.ds(j * ROWS, ROWS)][...], col_layout)
+    dt_j = cast(dt_s.at[pl.ds(j * ROWS, ROWS)][...], col_layout)
+    shape = (ROWS, ROWS)
+    diff = lax.broadcast_in_dim(acum_i, shape, [0]) - lax.broadcast_in_dim(acum_j, shape, [1])
+    if diagonal:
+        row = cast(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
+        col = cast(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
+        diff = jnp.where(col <= row, diff, -jnp.inf)
+    return s * jnp.exp(diff) * lax.broadcast_in_dim(dt_j, shape, [1])
+
+
+def tiled_smem(dtype):
+    """A shared-memory allocator of wgmma operands: 128-byte swizzle, (8, 64) tiles."""
+    plgpu = _plgpu()
+    return lambda *shape: plgpu.SMEM(shape, dtype, transforms=(
+        plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def interpret_params(interpret: bool):
+    """Mosaic GPU's interpret-mode parameters for ``plgpu.kernel`` (None: compile)."""
+    if not interpret:
+        return None
+    params = getattr(_plgpu(), "InterpretGPUParams", None)  # public from jax 0.11 on
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
 def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref, z_ref, y_ref,
                    *pre_ref, q, nc, heads_per_group, has_z, interpret):
     plgpu = _plgpu()
@@ -115,18 +166,8 @@ def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref
     def body(C_s, B_s, x_s, S_s, io_s, acum_s, dt_s, D_s, bar_c, bar_b, bar_x, bar_z, bar_v,
              *lhs_s):
         def mma(acc_ref, a, b_ref, k, transpose_b=False):
-            # acc += a @ b (b^T with transpose_b; a from registers unless a ref). GPU interpret
-            # mode (jax 0.10) takes untransposed shared-memory operands only: there, both go
-            # through this warpgroup's scratch pair k of lhs_s first.
-            if not interpret:
-                b = b_ref.transpose((1, 0)) if transpose_b else b_ref
-                return plgpu.wgmma(acc_ref, a, b)
-            if not isinstance(a, jax.Array):
-                a = a[...]
-            a_s, b_s = lhs_s[2 * k].at[wg], lhs_s[2 * k + 1].at[wg]
-            a_s[...] = a
-            b_s[...] = b_ref[...].T if transpose_b else b_ref[...]
-            plgpu.wgmma(acc_ref, a_s, b_s)
+            wgmma(acc_ref, a, b_ref, lhs_s[2 * k:2 * k + 2], wg, transpose_b=transpose_b,
+                  interpret=interpret)
 
         plgpu.copy_gmem_to_smem(C_ref.at[bi, rows, gi], C_s.at[wg], bar_c.at[wg])
         plgpu.copy_gmem_to_smem(B_ref.at[bi, rows, gi], B_s.at[wg], bar_b.at[wg])
@@ -169,16 +210,7 @@ def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref
                     return s_ref[...]
 
                 s = pl.run_scoped(scores, plgpu.ACC((ROWS, ROWS), jnp.float32))
-                acum_j = cast(acum_s.at[pl.ds(j * ROWS, ROWS)][...], col_layout)
-                dt_j = cast(dt_s.at[pl.ds(j * ROWS, ROWS)][...], col_layout)
-                shape = (ROWS, ROWS)
-                diff = (lax.broadcast_in_dim(acum_i, shape, [0])
-                        - lax.broadcast_in_dim(acum_j, shape, [1]))
-                if diagonal:  # j == r: zero above the diagonal
-                    row = cast(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
-                    col = cast(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
-                    diff = jnp.where(col <= row, diff, -jnp.inf)
-                s = s * jnp.exp(diff) * lax.broadcast_in_dim(dt_j, shape, [1])
+                s = decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret)
                 mma(acc_ref, s.astype(dtype), x_s.at[j], 1)  # acc += S x_j
                 return carry
 
@@ -209,8 +241,7 @@ def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref
             store(y, pre_ref[0])
         store(y, y_ref)
 
-    tiled = lambda *shape: plgpu.SMEM(shape, dtype, transforms=(
-        plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    tiled = tiled_smem(dtype)
     pl.run_scoped(
         body,
         tiled(nb, ROWS, n), tiled(nb, ROWS, n), tiled(nb, ROWS, p), tiled(p, n),
@@ -239,11 +270,6 @@ def chunk_outputs_mgpu(x, B, C, acum, dt, h0, end, D, z, *, chunk_size, return_p
     "warpgroup" (the default of jax 0.11).
     """
     plgpu = _plgpu()
-    if interpret:  # public from jax 0.11 on
-        params = getattr(plgpu, "InterpretGPUParams", None)
-        if params is None:
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-        interpret = params()
     b, L, h, p = x.shape
     g = B.shape[-2]
     q = chunk_size
@@ -255,12 +281,12 @@ def chunk_outputs_mgpu(x, B, C, acum, dt, h0, end, D, z, *, chunk_size, return_p
 
     def ssd_chunk_output_mgpu(*refs):  # the kernel's name in profiles
         _output_kernel(*refs, q=q, nc=nc, heads_per_group=h // g, has_z=has_z,
-                       interpret=bool(interpret))
+                       interpret=interpret)
 
     return plgpu.kernel(
         ssd_chunk_output_mgpu, out_type=(y, y) if return_pre_gate else y,
         grid=(h, b * nc), grid_names=("heads", "chunks"), num_threads=q // ROWS,
-        thread_name="wg", interpret=interpret or None,
+        thread_name="wg", interpret=interpret_params(interpret),
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics={
                 "lane": plgpu.LoweringSemantics.Lane,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from mamba2_jax.kernels.common import check_pow2, process_dt, with_reference_gradient
 from mamba2_jax.kernels.ssd.decays import DECAYS_LAUNCH
 from mamba2_jax.kernels.ssd.layout import ChunkPlan
-from mamba2_jax.kernels.ssd.pallas_bwd import ssd_backward_chunked
+from mamba2_jax.kernels.ssd.pallas_bwd import ssd_backward_chunked, which_dc_kernel
 from mamba2_jax.kernels.ssd.pallas_fwd import OUTPUT_KERNELS, ssd_forward_chunked
 from mamba2_jax.kernels.ssd.reference import ssd_chunk_scan_ref
 
@@ -55,6 +55,10 @@ class SSDKernelConfig:
     bwd_dx_block_n: int | None = 32  # rows per step of the dx/dB kernel (None: bwd_block_m)
     bwd_dc_block_n: int | None = None  # columns per step of the dC kernel (None: bwd_block_m)
     bwd_heads: int = 4  # at most this many heads (of one group) per dx/dB and dC program
+    bwd_dc_kernel: str = "mgpu"  # the Mosaic GPU dC kernel (mgpu_dc.py) on the calls it takes
+    #                             (bf16 dense batches on Hopper, n <= 128), else "triton"
+    bwd_dc_heads: int = 8  # at most this many heads per program of the Mosaic GPU dC kernel
+    #                        (H200 ms, 4 / 8: 0.267 / 0.267, 0.538 / 0.467, 0.408 / 0.363)
     bwd_fused_dD: bool = True  # without a gate, dD from partial sums of the dx/dB kernel (H200:
     #                            1.442 vs 1.473, 2.776 vs 2.787, 2.229 vs 2.247 ms fwd+bwd)
     bwd_num_warps: int = 4
@@ -69,9 +73,10 @@ class SSDKernelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SSDKernelConfig: {name} must be a bool, got "
                                  f"{getattr(self, name)!r}")
-        if self.out_kernel not in OUTPUT_KERNELS:
-            raise ValueError(f"SSDKernelConfig.out_kernel must be one of {OUTPUT_KERNELS}, got "
-                             f"{self.out_kernel!r}")
+        for name in ("out_kernel", "bwd_dc_kernel"):
+            if getattr(self, name) not in OUTPUT_KERNELS:
+                raise ValueError(f"SSDKernelConfig.{name} must be one of {OUTPUT_KERNELS}, got "
+                                 f"{getattr(self, name)!r}")
         if self.decays not in DECAYS:
             raise ValueError(f"SSDKernelConfig.decays must be one of {DECAYS}, got "
                              f"{self.decays!r}")
@@ -88,9 +93,10 @@ class SSDKernelConfig:
                 v for v in ("pass_block_p", "out_num_warps")  # no dots: any power of two
                 if getattr(self, v) is not None):
             check_pow2(name, getattr(self, name), op="SSDKernelConfig")
-        if not (isinstance(self.bwd_heads, int) and self.bwd_heads >= 1):
-            raise ValueError(f"SSDKernelConfig: bwd_heads must be a positive int, got "
-                             f"{self.bwd_heads!r}")
+        for name in ("bwd_heads", "bwd_dc_heads"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"SSDKernelConfig: {name} must be a positive int, got "
+                                 f"{getattr(self, name)!r}")
 
 
 def _pow2(v: int) -> bool:
@@ -136,7 +142,7 @@ def backward_kwargs(cfg: SSDKernelConfig) -> dict:
         dc_block_n=cfg.bwd_dc_block_n, block_k=cfg.block_k, heads=cfg.bwd_heads,
         pass_block_p=cfg.pass_block_p, fused_dD=cfg.bwd_fused_dD, num_warps=cfg.bwd_num_warps,
         num_stages=cfg.bwd_num_stages, decays=cfg.decays, decays_launch=decays_launch(cfg),
-        interpret=cfg.interpret)
+        dc_kernel=cfg.bwd_dc_kernel, dc_heads=cfg.bwd_dc_heads, interpret=cfg.interpret)
 
 
 def _core_primal(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
@@ -149,25 +155,29 @@ def _core_primal(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
 
 
 def _core_fwd(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
-    # with a gate, also the output before it (dz needs it); and the decay terms, which the
-    # backward reads again
+    # with a gate, also the output before it (dz needs it); the decay terms, which the
+    # backward reads again; and for the Mosaic GPU dC kernel the states in bf16
+    mgpu_dc = which_dc_kernel(cfg.bwd_dc_kernel, x, B, cfg.chunk_size, dense,
+                              cfg.interpret) == "mgpu"
     outs = ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index,
-                               return_pre_gate=z is not None, return_decays=True, dense=dense,
+                               return_pre_gate=z is not None, return_decays=True,
+                               return_operand_states=mgpu_dc, dense=dense,
                                **_forward_kwargs(cfg, x.shape[-1]))
+    end_operand = outs[-1] if mgpu_dc else None
+    outs = outs[:-1] if mgpu_dc else outs
     y, end, final, dec = outs[0], outs[1], outs[2], outs[-1]
     pre = outs[3] if z is not None else None
     out = (y, final, end if cfg.chunk_states else None)
     dec = dec._replace(w=None)  # the backward never reads w
-    return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec)
+    return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec, end_operand)
 
 
 def _core_bwd(cfg, dense, res, cotangents):
-    del dense
-    x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec = res
+    x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec, end_operand = res
     dy, dfinal, dchunks = cotangents
     dx, ddt, dA, dB, dC, dD, dz, dh0 = ssd_backward_chunked(
         x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dy, dfinal, dchunks, dec,
-        **backward_kwargs(cfg))
+        end_operand, dense=dense, **backward_kwargs(cfg))
     return dx, ddt, dA, dB, dC, dD, dz, dh0, None, None
 
 

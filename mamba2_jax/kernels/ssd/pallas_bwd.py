@@ -24,7 +24,9 @@ cotangent of S_end, all paths summed), the kernels compute
    with ``M_ij = (C_i . B_j) L_ij w_j (dY_i . x_j)``;
 4. ``_dC_kernel`` (per row block i, looping over j <= i):
        dC_i = sum over the program's heads of sum_j (L o dY x^T)_ij w_j B_j + exp(acum_i) dY_i S,
-   and ``dY_i . (exp(acum_i) S C_i)`` per head (the entering state's part of d acum_i).
+   and ``dY_i . (exp(acum_i) S C_i)`` per head (the entering state's part of d acum_i). On
+   Hopper its Mosaic GPU twin (``mgpu_dc.py``: TMA, wgmma) takes the bf16 dense calls
+   (``dc_kernel="mgpu"``), measured faster on an H200.
 
 With ``a`` entering through ``acum``, ``to_end`` and ``total``,
 ``d a_t = sum_{i >= t > j} M_ij + sum_{i >= t} dY_i . (exp(acum_i) S C_i) + sum_{j < t} T_j
@@ -48,9 +50,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mamba2_jax.kernels.ssd.mgpu_dc import dC_partials_mgpu, mgpu_dc_unsupported
 from mamba2_jax.kernels.ssd.pallas_fwd import (DECAYS_LAUNCH, _causal_decay, _dot,
                                               _entering_state, _last_of_sequence, decays_for,
-                                              launcher, local_states, operand_dtype, step_size)
+                                              kernel_choice, launcher, local_states,
+                                              operand_dtype, step_size)
 
 
 def _reverse_pass_kernel(K_ref, dfinal_ref, total_ref, first_ref, index_ref, h0_ref, end_ref,
@@ -284,28 +288,39 @@ def dC_partials(x, B, C, dY, dec, is_first, init_index, h0, end, *, chunk_size, 
         x, B, C, dY, dec.dt, dec.acum, is_first, init_index, h0, end)
 
 
+def which_dc_kernel(choice, x, B, chunk_size, dense, interpret=False) -> str:
+    """The dC kernel that runs (``kernel_choice`` of ``mgpu_dc_unsupported``)."""
+    return kernel_choice("dc_kernel", choice, lambda: mgpu_dc_unsupported(
+        x, B, chunk_size, varlen=not dense, interpret=interpret))
+
+
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "dx_block_n", "dc_block_n", "block_k", "heads", "pass_block_p",
-    "fused_dD", "num_warps", "num_stages", "decays", "decays_launch", "interpret"))
+    "fused_dD", "num_warps", "num_stages", "decays", "decays_launch", "dc_kernel", "dc_heads",
+    "dense", "interpret"))
 def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, end, dy,
-                         dfinal, dchunks=None, dec=None, *, chunk_size: int, block_m: int = 64,
-                         dx_block_n: int | None = None, dc_block_n: int | None = None,
-                         block_k: int = 32, heads: int = 4,
+                         dfinal, dchunks=None, dec=None, end_operand=None, *, chunk_size: int,
+                         block_m: int = 64, dx_block_n: int | None = None,
+                         dc_block_n: int | None = None, block_k: int = 32, heads: int = 4,
                          pass_block_p: int | None = None, fused_dD: bool = True,
                          num_warps: int = 4, num_stages: int = 1, decays: str = "pallas",
-                         decays_launch: tuple = DECAYS_LAUNCH, interpret: bool = False):
+                         decays_launch: tuple = DECAYS_LAUNCH, dc_kernel: str = "triton",
+                         dc_heads: int = 8, dense: bool = False, interpret: bool = False):
     """Cotangents of :func:`ssd_forward_chunked`'s inputs (x, dt, A, B, C, D, z, h0).
 
     Arguments as the forward's, plus ``y_pre`` (its output before the gate; None without z),
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p], ``dfinal`` of the final
     states [m, h, p, n] and ``dchunks`` of every chunk's end state [b, c, h, p, n] (None: zero);
     ``dec``: the forward's decay terms (:class:`Decays` of dt and A; None: computed here).
-    ``heads``: at most this many heads of one group per dx/dB and dC program; ``dx_block_n`` /
+    ``heads``: at most this many heads of one group per dx/dB and Triton dC program; ``dx_block_n`` /
     ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
     (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
     (None: all p); ``fused_dD``: without a gate, dD from partial sums in the dx/dB kernel
     (which reads dY and x anyway) instead of an XLA reduction over them; ``decays`` /
-    ``decays_launch``: as the forward's.
+    ``decays_launch``: as the forward's; ``dc_kernel``: "mgpu" runs the Mosaic GPU dC kernel
+    (``mgpu_dc.py``) on the calls it takes (``dense`` ones: row r one sequence from h0[r]),
+    reading ``end_operand`` (the end states in bf16; None: ``end`` cast here), at most
+    ``dc_heads`` heads of one group per program, else Triton's (``heads``).
     """
     rows, L, h, _ = x.shape
     g, n = B.shape[-2:]
@@ -326,8 +341,15 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
                                                       block_n=dx_block_n, with_dD=fuse, **blocks)
     if fuse:
         dD = _dD_like(jnp.sum(dD_parts[0], axis=(0, 1, 2)), D)
-    dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, block_n=dc_block_n,
-                            **blocks)
+    hb_dc = hb
+    if which_dc_kernel(dc_kernel, x, B, q, dense, interpret) == "mgpu":
+        hb_dc = heads_per_program(h, g, dc_heads)
+        dC, inter = dC_partials_mgpu(
+            x, B, C, dY, dec.acum, dec.dt, h0, end if end_operand is None else end_operand,
+            chunk_size=q, heads_per_program=hb_dc, interpret=interpret)
+    else:
+        dC, inter = dC_partials(x, B, C, dY, dec, first, index, h0, end, block_n=dc_block_n,
+                                **blocks)
 
     # d a_t = sum_{i >= t} (rowsum_i - colsum_i + inter_i) + sum_{j < t} T_j + sg: the row and
     # column sums (off M's diagonal) come from the same blocks, so their roundings cancel in the
@@ -341,6 +363,7 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     dA = jnp.sum(dec.dt * da, axis=(0, 1, 3))
     ddt = jnp.moveaxis(ddt, 3, 2).reshape(rows, L, h)
 
-    group_sum = lambda v: v.reshape(rows, L, g, h // hb // g, n).sum(axis=3).astype(B.dtype)
+    group_sum = lambda v, hb: v.reshape(rows, L, g, h // hb // g, n).sum(axis=3).astype(
+        B.dtype)
     dh0 = _first_chunk_gradient(K, G, dec.total, first, index, h0.shape[0])
-    return dx, ddt, dA, group_sum(dB), group_sum(dC), dD, dz, dh0
+    return dx, ddt, dA, group_sum(dB, hb), group_sum(dC, hb_dc), dD, dz, dh0

@@ -263,32 +263,40 @@ def chunk_outputs(x, B, C, dec: Decays, is_first, init_index, h0, end, D, z, *, 
         h0, end, D.astype(jnp.float32), z if has_z else x)
 
 
-def output_kernel(choice, x, B, chunk_size, dense, interpret=False) -> str:
-    """The output kernel that runs: "mgpu" where ``choice`` asks for it and the Mosaic GPU kernel
-    takes the call (a debug log says why not otherwise), else "triton"."""
+def kernel_choice(name: str, choice: str, why_not) -> str:
+    """The kernel that runs for option ``name``: "mgpu" where ``choice`` asks for it and
+    ``why_not()`` (the Mosaic GPU kernel's reason to refuse the call) is None, else "triton"
+    (with a debug log saying why)."""
     if choice not in OUTPUT_KERNELS:
-        raise ValueError(f"out_kernel must be one of {OUTPUT_KERNELS}, got {choice!r}")
+        raise ValueError(f"{name} must be one of {OUTPUT_KERNELS}, got {choice!r}")
     if choice == "triton":
         return "triton"
-    why = mgpu_unsupported(x, B, chunk_size, varlen=not dense, interpret=interpret)
+    why = why_not()
     if why is not None:
-        log.debug("SSD output kernel: Triton, not Mosaic GPU: %s", why)
+        log.debug("SSD %s: Triton, not Mosaic GPU: %s", name, why)
         return "triton"
     return "mgpu"
+
+
+def output_kernel(choice, x, B, chunk_size, dense, interpret=False) -> str:
+    """The output kernel that runs (:func:`kernel_choice` of ``mgpu_unsupported``)."""
+    return kernel_choice("out_kernel", choice, lambda: mgpu_unsupported(
+        x, B, chunk_size, varlen=not dense, interpret=interpret))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_size", "block_m", "block_n", "block_k", "block_p", "pass_block_p", "row_blocks",
     "num_warps", "num_stages", "out_num_warps", "out_num_stages", "full_states",
-    "return_pre_gate", "return_decays", "decays", "decays_launch", "out_kernel", "dense",
-    "interpret"))
+    "return_pre_gate", "return_decays", "return_operand_states", "decays", "decays_launch",
+    "out_kernel", "dense", "interpret"))
 def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk_size: int,
                         block_m: int = 64, block_n: int | None = None, block_k: int = 32,
                         block_p: int | None = None, pass_block_p: int | None = None,
                         row_blocks: int = 4, num_warps: int = 4, num_stages: int = 3,
                         out_num_warps: int | None = None, out_num_stages: int | None = None,
                         full_states: bool = True, return_pre_gate: bool = False,
-                        return_decays: bool = False, decays: str = "pallas",
+                        return_decays: bool = False, return_operand_states: bool = False,
+                        decays: str = "pallas",
                         decays_launch: tuple = DECAYS_LAUNCH, out_kernel: str = "triton",
                         dense: bool = False, interpret: bool = False):
     """Run the kernels on chunk-aligned inputs.
@@ -298,7 +306,8 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
     end states [b, c, h, p, n], final states [m, h, p, n] float32), and with
     ``return_pre_gate`` y before the gate as a fourth, with ``return_decays`` the decay terms
-    (:class:`Decays`) last (the backward reuses them). ``full_states``: end states in float32
+    (:class:`Decays`) next (the backward reuses them), with ``return_operand_states`` (and
+    ``full_states``) the end states in the operand dtype last (the Mosaic GPU dC kernel's). ``full_states``: end states in float32
     (else in the operand dtype: see :func:`state_pass`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
@@ -318,7 +327,7 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
     mgpu = output_kernel(out_kernel, x, B, q, dense, interpret) == "mgpu"
     end, final, *copy = state_pass(loc, dec.total, is_first, init_index, h0, x.dtype,
                                    pass_block_p=pass_block_p, full_states=full_states,
-                                   operand_copy=mgpu, **launch)
+                                   operand_copy=mgpu or return_operand_states, **launch)
     if mgpu:  # the states in bf16: end itself, or its copy when end is float32
         out = chunk_outputs_mgpu(x, B, C, dec.acum, dec.dt, h0, copy[0] if copy else end, D,
                                  z, chunk_size=q, return_pre_gate=return_pre_gate,
@@ -328,4 +337,5 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
                             block_m=block_m, block_n=block_n, row_blocks=row_blocks,
                             return_pre_gate=return_pre_gate, **out_launch)
     outs = (out[0], end, final, out[1]) if return_pre_gate else (out, end, final)
-    return outs + (dec,) if return_decays else outs
+    outs = outs + (dec,) if return_decays else outs
+    return outs + (copy[0] if copy else end,) if return_operand_states else outs
