@@ -68,11 +68,21 @@ def parse_args(argv=None):
                     help="benchmark the conv1d update (ours vs XLA) instead of the state update")
     ap.add_argument("--conv-prefill", action="store_true",
                     help="benchmark the prefill causal_conv1d (ours vs XLA) instead")
-    # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--ssu-sweep", default=None,
                     help="time our state update kernel at these block_p:num_warps, ','-separated")
+    # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.ssu_sweep is not None:
+        try:
+            args.ssu_sweep = [tuple(int(v) for v in c.split(":")) for c in args.ssu_sweep.split(",")]
+        except ValueError:
+            ap.error(f"--ssu-sweep: expected block_p:num_warps pairs, got {args.ssu_sweep!r}")
+        for c in args.ssu_sweep:
+            if len(c) != 2 or any(v < 1 or v & (v - 1) for v in c) or c[0] > 64:
+                ap.error(f"--ssu-sweep: {':'.join(map(str, c))} is not block_p:num_warps with "
+                         f"powers of two and block_p <= 64 (the head dim)")
+    return args
 
 
 def conv_bytes(b, c, k, itemsize=2):
@@ -282,7 +292,7 @@ def bench_ssu_sweep(args):
     bandwidth, _ = ceilings(torch)
     device = torch.cuda.get_device_name()
     sync = lambda out: jax.block_until_ready(out) if out is not None else None
-    configs = [tuple(map(int, c.split(":"))) for c in args.ssu_sweep.split(",")]
+    configs = args.ssu_sweep
     rows = []
     for h, p, g, n, b in [s for s in SHAPES if s[-1] >= 64]:
         ks = jax.random.split(jax.random.PRNGKey(0), 8)

@@ -63,8 +63,8 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        write_rows(args.out, "ssd_dc", "SSD backward dC kernel alone (dC partials + inter row sums)",
-                   rows)
+        write_rows(args.out, "ssd_dc",
+                   "SSD backward dC kernel alone (dC partials + inter row sums)", rows)
 
 if __name__ == "__main__":
     main()

@@ -11,8 +11,8 @@ floor; inputs made in JAX. ``--fwd-bwd``: per shape, our forward + backward
 (``bench_kernels.ours_fwd_bwd``) and mamba_ssm's CUDA graph of forward + ``y.backward(dy)`` on
 the same inputs (made in PyTorch, shared through DLPack), each over runs of 1, 12, 50 and 200
 calls, and the host time to issue one of ours (also on JAX-owned copies of the inputs, of our
-forward alone, and of a trivial jitted call on the same arguments). The results of the sessions are in
-``benchmarks/results/ssd_wall_vs_span_*.json``.
+forward alone, and of a trivial jitted call on the same arguments). The results of the
+sessions are in ``benchmarks/results/ssd_wall_vs_span_*.json``.
 """
 
 import argparse

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+from bench_decode import parse_args as decode_args  # noqa: E402
 from bench_kernels import config_fields  # noqa: E402
 from profile_ssd import device_span_us  # noqa: E402
 
@@ -30,6 +31,15 @@ def test_config_fields_name_a_bad_spec(spec, says):
     with pytest.raises(ValueError, match=says) as err:
         config_fields(spec)
     assert repr(spec) in str(err.value)
+
+
+def test_ssu_sweep_specs_parse_or_name_the_bad_one(capsys):
+    assert decode_args(["--ssu-sweep", "64:8, 16:1"]).ssu_sweep == [(64, 8), (16, 1)]
+    assert decode_args([]).ssu_sweep is None
+    for bad, says in (("64x4", "64x4"), ("64:3", "64:3"), ("128:4", "128:4"), ("64", "64 is")):
+        with pytest.raises(SystemExit):
+            decode_args(["--ssu-sweep", bad])
+        assert says in capsys.readouterr().err
 
 
 def test_device_span_is_the_median_call_from_first_start_to_last_end():

@@ -46,9 +46,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mamba2_jax.kernels.ssd.mgpu_output import (ROWS, SMEM_BYTES, _plgpu, decayed,
-                                                interpret_params, mgpu_unsupported, tiled_smem,
-                                                wgmma)
+from mamba2_jax.kernels.ssd.mgpu_output import (ROWS, SMEM_BYTES, _plgpu, copy_entering_state,
+                                                decayed, interpret_params, layout_caster,
+                                                mgpu_unsupported, tiled_smem, wgmma)
 
 
 def smem_bytes(q: int, p: int, n: int) -> int:
@@ -71,7 +71,7 @@ def mgpu_dc_unsupported(x, B, chunk_size: int, *, varlen: bool, interpret: bool 
 def _dc_kernel(x_ref, dY_ref, B_ref, C_ref, acum_ref, dt_ref, h0_ref, end_ref, dC_ref,
                inter_ref, *, q, nc, hb, heads_per_group, interpret):
     plgpu = _plgpu()
-    cast = (lambda v, layout: v) if interpret else plgpu.layout_cast
+    cast = layout_caster(interpret)
     nb, p, n = q // ROWS, x_ref.shape[-1], B_ref.shape[-1]
     dtype = x_ref.dtype
     hk, bc, wg = lax.axis_index("heads"), lax.axis_index("chunks"), lax.axis_index("wg")
@@ -95,15 +95,7 @@ def _dc_kernel(x_ref, dY_ref, B_ref, C_ref, acum_ref, dt_ref, h0_ref, end_ref, d
             def _vectors():
                 plgpu.copy_gmem_to_smem(acum_ref.at[bi, ci, hi], acum_s, bar_v.at[0])
                 plgpu.copy_gmem_to_smem(dt_ref.at[bi, ci, hi], dt_s, bar_v.at[1])
-
-                @pl.when(ci == 0)
-                def _():
-                    plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], S_s, bar_v.at[2])
-
-                @pl.when(ci != 0)
-                def _():
-                    plgpu.copy_gmem_to_smem(end_ref.at[bi, jnp.maximum(ci - 1, 0), hi], S_s,
-                                            bar_v.at[2])
+                copy_entering_state(h0_ref, end_ref, bi, ci, hi, S_s, bar_v, 2)
 
         plgpu.copy_gmem_to_smem(B_ref.at[bi, rows, gi], B_s.at[wg], bar_b.at[wg])
         plgpu.copy_gmem_to_smem(C_ref.at[bi, rows, gi], C_s.at[wg], bar_c.at[wg])

@@ -30,7 +30,7 @@ exponentials with ``approx_math``), y in bf16.
 
 On the CPU the kernel runs in Mosaic GPU's interpret mode (jax 0.10.2), which lacks three
 things the GPU path uses: ``layout_cast`` (skipped there: layouts only steer the lowering),
-a register operand of wgmma and transposed shared-memory operands (``mma`` copies both
+a register operand of wgmma and transposed shared-memory operands (:func:`wgmma` copies both
 through scratch buffers there). With four warpgroups (chunk 256) it hung on a 2-core machine
 with one CPU device and ran with eight (``jax_num_cpu_devices``, as the tests set). Lowering
 for "cuda" on the CPU runs the real Lane-semantics lowering.
@@ -98,6 +98,27 @@ def mgpu_unsupported(x, B, chunk_size: int, *, varlen: bool, interpret: bool = F
     return None if interpret else _device_reason()
 
 
+def layout_caster(interpret: bool):
+    """``plgpu.layout_cast``, or the identity in GPU interpret mode, which has no rule for it
+    (register layouts steer the lowering only)."""
+    return (lambda v, layout: v) if interpret else _plgpu().layout_cast
+
+
+def copy_entering_state(h0_ref, end_ref, bi, ci, hi, dst, barriers, k):
+    """TMA copy of the state entering chunk ``ci`` of row ``bi``, head ``hi`` into ``dst`` on
+    barrier ``k`` of ``barriers``: h0 at chunk 0 (a dense row is one sequence), else the state
+    leaving chunk ``ci - 1``."""
+    plgpu = _plgpu()
+
+    @pl.when(ci == 0)
+    def _():
+        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], dst, barriers.at[k])
+
+    @pl.when(ci != 0)
+    def _():
+        plgpu.copy_gmem_to_smem(end_ref.at[bi, jnp.maximum(ci - 1, 0), hi], dst, barriers.at[k])
+
+
 def wgmma(acc_ref, a, b_ref, scratch, wg, *, transpose_b=False, interpret=False):
     """``acc += a @ b`` on the tensor cores (``b^T`` with ``transpose_b``; ``a`` from registers
     unless a ref). GPU interpret mode (jax 0.10) takes untransposed shared-memory operands only:
@@ -119,7 +140,7 @@ def decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret=False):
     chunk's vectors in shared memory); with ``diagonal`` zero above the diagonal (j the row
     block). The exponent is the difference, <= 0 on and below the diagonal."""
     plgpu = _plgpu()
-    cast = (lambda v, layout: v) if interpret else plgpu.layout_cast
+    cast = layout_caster(interpret)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     acum_j = cast(acum_s.at[pl.ds(j * ROWS, ROWS)][...], col_layout)
     dt_j = cast(dt_s.at[pl.ds(j * ROWS, ROWS)][...], col_layout)
@@ -152,8 +173,7 @@ def interpret_params(interpret: bool):
 def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref, z_ref, y_ref,
                    *pre_ref, q, nc, heads_per_group, has_z, interpret):
     plgpu = _plgpu()
-    # Register layouts matter to the lowering only; GPU interpret mode has no rule for them.
-    cast = (lambda v, layout: v) if interpret else plgpu.layout_cast
+    cast = layout_caster(interpret)
     nb, p, n = q // ROWS, x_ref.shape[-1], C_ref.shape[-1]
     dtype = x_ref.dtype
     hi, bc, wg = lax.axis_index("heads"), lax.axis_index("chunks"), lax.axis_index("wg")
@@ -180,15 +200,7 @@ def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref
             plgpu.copy_gmem_to_smem(acum_ref.at[bi, ci, hi], acum_s, bar_v.at[0])
             plgpu.copy_gmem_to_smem(dt_ref.at[bi, ci, hi], dt_s, bar_v.at[1])
             plgpu.copy_gmem_to_smem(D_ref.at[hi], D_s, bar_v.at[2])
-
-            @pl.when(ci == 0)
-            def _():
-                plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], S_s, bar_v.at[3])
-
-            @pl.when(ci != 0)
-            def _():
-                plgpu.copy_gmem_to_smem(end_ref.at[bi, jnp.maximum(ci - 1, 0), hi], S_s,
-                                        bar_v.at[3])
+            copy_entering_state(h0_ref, end_ref, bi, ci, hi, S_s, bar_v, 3)
 
         for k in range(4):
             plgpu.barrier_wait(bar_v.at[k])

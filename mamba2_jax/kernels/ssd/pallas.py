@@ -163,10 +163,9 @@ def _core_fwd(cfg, dense, x, dt, A, B, C, D, z, h0, is_first, init_index):
                                return_pre_gate=z is not None, return_decays=True,
                                return_operand_states=mgpu_dc, dense=dense,
                                **_forward_kwargs(cfg, x.shape[-1]))
+    y, end, final, *rest = outs[:-1] if mgpu_dc else outs
+    pre, dec = rest if z is not None else (None, rest[0])
     end_operand = outs[-1] if mgpu_dc else None
-    outs = outs[:-1] if mgpu_dc else outs
-    y, end, final, dec = outs[0], outs[1], outs[2], outs[-1]
-    pre = outs[3] if z is not None else None
     out = (y, final, end if cfg.chunk_states else None)
     dec = dec._replace(w=None)  # the backward never reads w
     return out, (x, dt, A, B, C, D, z, h0, is_first, init_index, pre, end, dec, end_operand)

@@ -312,10 +312,10 @@ def ssd_backward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, y_pre, 
     its end states ``end``, and the cotangents ``dy`` [b, c*q, h, p], ``dfinal`` of the final
     states [m, h, p, n] and ``dchunks`` of every chunk's end state [b, c, h, p, n] (None: zero);
     ``dec``: the forward's decay terms (:class:`Decays` of dt and A; None: computed here).
-    ``heads``: at most this many heads of one group per dx/dB and Triton dC program; ``dx_block_n`` /
-    ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the dC kernel
-    (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state pass
-    (None: all p); ``fused_dD``: without a gate, dD from partial sums in the dx/dB kernel
+    ``heads``: at most this many heads of one group per dx/dB and Triton dC program;
+    ``dx_block_n`` / ``dc_block_n``: rows per step of the dx/dB kernel / columns per step of the
+    dC kernel (None: block_m); ``pass_block_p``: head-dim rows per program of the reverse state
+    pass (None: all p); ``fused_dD``: without a gate, dD from partial sums in the dx/dB kernel
     (which reads dY and x anyway) instead of an XLA reduction over them; ``decays`` /
     ``decays_launch``: as the forward's; ``dc_kernel``: "mgpu" runs the Mosaic GPU dC kernel
     (``mgpu_dc.py``) on the calls it takes (``dense`` ones: row r one sequence from h0[r]),

@@ -303,19 +303,19 @@ def ssd_forward_chunked(x, dt, A, B, C, D, z, h0, is_first, init_index, *, chunk
 
     x [b, c*q, h, p], dt [b, c*q, h] (processed, float32, 0 on padding), A [h], B/C
     [b, c*q, g, n], D [h] or [h, p] (zeros when absent), z [b, c*q, h, p] or None, h0
-    [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p],
-    end states [b, c, h, p, n], final states [m, h, p, n] float32), and with
-    ``return_pre_gate`` y before the gate as a fourth, with ``return_decays`` the decay terms
-    (:class:`Decays`) next (the backward reuses them), with ``return_operand_states`` (and
-    ``full_states``) the end states in the operand dtype last (the Mosaic GPU dC kernel's). ``full_states``: end states in float32
+    [m, h, p, n] float32, is_first / init_index [b, c] int32. Returns (y [b, c*q, h, p], end
+    states [b, c, h, p, n], final states [m, h, p, n] float32), and with ``return_pre_gate`` y
+    before the gate as a fourth, with ``return_decays`` the decay terms (:class:`Decays`) next
+    (the backward reuses them), with ``return_operand_states`` the end states in the operand
+    dtype last (the Mosaic GPU dC kernel's operand). ``full_states``: end states in float32
     (else in the operand dtype: see :func:`state_pass`); ``pass_block_p``: head-dim rows per
     program of the state pass; ``block_n``: see :func:`chunk_outputs`; ``out_num_warps`` /
     ``out_num_stages``: the output kernel's launch (None: ``num_warps`` / ``num_stages``);
     ``decays``: the decay terms from their Pallas kernel ("pallas") or from XLA ("xla");
-    ``decays_launch``: that kernel's (max heads per program, num_warps); ``out_kernel``:
-    "mgpu" runs the Mosaic GPU output kernel (``mgpu_output.py``) on the calls it takes (else,
-    and with "triton", the Triton one); ``dense``: row r of the batch is one sequence starting
-    from h0[r] (no packed varlen input).
+    ``decays_launch``: that kernel's (max heads per program, num_warps); ``out_kernel``: "mgpu"
+    runs the Mosaic GPU output kernel (``mgpu_output.py``) on the calls it takes (else, and with
+    "triton", the Triton one); ``dense``: row r of the batch is one sequence starting from h0[r]
+    (no packed varlen input).
     """
     q = chunk_size
     launch = dict(num_warps=num_warps, num_stages=num_stages, interpret=interpret)
