@@ -169,6 +169,9 @@ def test_calls_it_does_not_take_run_the_triton_kernel():
         take(choice="cuda")
     with pytest.raises(ValueError, match="bwd_dc_kernel"):
         SSDKernelConfig(chunk_size=64, bwd_dc_kernel="mosaic")
+    for heads in (0, 2.0):
+        with pytest.raises(ValueError, match="bwd_dc_heads"):
+            SSDKernelConfig(chunk_size=64, bwd_dc_heads=heads)
 
 
 @gpu
