@@ -26,11 +26,14 @@ written + weight and bias + initial states read + final states written) / time, 
 measured copy bandwidth. Writes ``conv_prefill_<device>.json``. (``--smoke``, hidden: tiny
 shapes, interpret mode, runs on the CPU.)
 
-    python scripts/bench_decode.py --ssu-sweep "64:4,32:4,16:2" --out benchmarks/results
+    python scripts/bench_decode.py --ssu-sweep "64:4,32:4,16:2,mgpu" --out benchmarks/results
 
-``--ssu-sweep`` times only our state-update kernel at each ``block_p:num_warps`` given, at
-batch >= 64, as the main table's device time (32 updates straight-line in one compiled program,
-the pool donated), against the measured copy bandwidth. Writes ``ssu_sweep_<device>.json``.
+``--ssu-sweep`` times only our state-update kernels, the Triton one at each
+``block_p:num_warps`` given and (``mgpu``) the Mosaic GPU one, at every batch of the table, as
+the main table's device time (``mgpu_fresh``: the Mosaic GPU kernel writing a fresh pool
+buffer instead of in place, the slots no row names left undefined: the kernel's own time where
+the in-place call cannot lower) (32 updates straight-line in one compiled program, the pool
+donated), against the measured copy bandwidth. Writes ``ssu_sweep_<device>.json``.
 """
 
 from __future__ import annotations
@@ -69,17 +72,22 @@ def parse_args(argv=None):
     ap.add_argument("--conv-prefill", action="store_true",
                     help="benchmark the prefill causal_conv1d (ours vs XLA) instead")
     ap.add_argument("--ssu-sweep", default=None,
-                    help="time our state update kernel at these block_p:num_warps, ','-separated")
+                    help="time our state update kernels at these block_p:num_warps (and 'mgpu': "
+                         "the Mosaic GPU kernel), ','-separated")
     # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ssu_sweep is not None:
+        named = ("mgpu", "mgpu_fresh")
         try:
-            args.ssu_sweep = [tuple(int(v) for v in c.split(":")) for c in args.ssu_sweep.split(",")]
+            args.ssu_sweep = [c if c in named else tuple(int(v) for v in c.split(":"))
+                              for c in (c.strip() for c in args.ssu_sweep.split(","))]
         except ValueError:
-            ap.error(f"--ssu-sweep: expected block_p:num_warps pairs, got {args.ssu_sweep!r}")
+            ap.error(f"--ssu-sweep: expected block_p:num_warps pairs, mgpu or mgpu_fresh, "
+                     f"got {args.ssu_sweep!r}")
         for c in args.ssu_sweep:
-            if len(c) != 2 or any(v < 1 or v & (v - 1) for v in c) or c[0] > 64:
+            if c not in named and (len(c) != 2 or any(v < 1 or v & (v - 1) for v in c)
+                                   or c[0] > 64):
                 ap.error(f"--ssu-sweep: {':'.join(map(str, c))} is not block_p:num_warps with "
                          f"powers of two and block_p <= 64 (the head dim)")
     return args
@@ -287,6 +295,7 @@ def bench_ssu_sweep(args):
     import jax.numpy as jnp
     import torch
 
+    from mamba2_jax.kernels.state_update.mgpu_ssu import selective_state_update_mgpu
     from mamba2_jax.kernels.state_update.pallas_ssu import selective_state_update_pallas
 
     bandwidth, _ = ceilings(torch)
@@ -294,10 +303,10 @@ def bench_ssu_sweep(args):
     sync = lambda out: jax.block_until_ready(out) if out is not None else None
     configs = args.ssu_sweep
     rows = []
-    for h, p, g, n, b in [s for s in SHAPES if s[-1] >= 64]:
+    for h, p, g, n, b in SHAPES:
         ks = jax.random.split(jax.random.PRNGKey(0), 8)
         slots = 2 * b
-        pool = jax.random.normal(ks[0], (slots, h, p, n), jnp.float32)
+        pool = pool0 = jax.random.normal(ks[0], (slots, h, p, n), jnp.float32)
         x = jax.random.normal(ks[1], (b, h, p), jnp.bfloat16)
         dt = jax.random.normal(ks[2], (b, h)) - 1.0
         A = -jax.random.uniform(ks[3], (h,)) * 4 - 0.5
@@ -306,13 +315,19 @@ def bench_ssu_sweep(args):
         D, bias = jax.random.normal(ks[6], (h,)), jax.random.normal(ks[7], (h,))
         idx = jax.random.permutation(jax.random.PRNGKey(1), slots)[:b].astype(jnp.int32)
         row = dict(shape=dict(h=h, p=p, g=g, n=n, b=b), us={}, bandwidth_fraction={})
-        for bp, warps in configs:
-            def run(pool, bp=bp, warps=warps, steps=32):
+        for config in configs:
+            if config == "mgpu":
+                update = selective_state_update_mgpu
+            elif config == "mgpu_fresh":  # the kernel alone, writing a fresh pool buffer
+                update = functools.partial(selective_state_update_mgpu, alias=False)
+            else:
+                update = functools.partial(selective_state_update_pallas, block_p=config[0],
+                                           num_warps=config[1])
+
+            def run(pool, update=update, steps=32):
                 acc = jnp.float32(0)
                 for _ in range(steps):
-                    y, pool = selective_state_update_pallas(
-                        pool, x, dt, A, B, C, D, bias, None, idx, softplus=True, block_p=bp,
-                        num_warps=warps)
+                    y, pool = update(pool, x, dt, A, B, C, D, bias, None, idx, softplus=True)
                     acc = acc + y[0, 0, 0].astype(jnp.float32)
                 return pool, acc
             run = jax.jit(run, donate_argnums=0)
@@ -321,9 +336,14 @@ def bench_ssu_sweep(args):
             def call(run=run):
                 box[0], acc = run(box[0])
                 return acc
-            ms = timeit(call, sync, iters=3, reps=5) / 32
-            pool = box[0]
-            key = f"{bp}:{warps}"
+            key = config if isinstance(config, str) else ":".join(map(str, config))
+            try:
+                ms = timeit(call, sync, iters=3, reps=5) / 32
+            except Exception as e:  # a config that does not compile here: recorded, not timed
+                row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            finally:
+                pool = box[0] if not box[0].is_deleted() else pool0
             row["us"][key] = ms * 1e3
             row["bandwidth_fraction"][key] = 2 * b * h * p * n * 4 / (ms * 1e-3) / bandwidth
         rows.append(row)
@@ -331,7 +351,8 @@ def bench_ssu_sweep(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ("ssu_sweep_" + device.replace(" ", "_") + ".json")).write_text(json.dumps(dict(
-        op="selective_state_update kernel, block_p:num_warps sweep", device=device,
+        op="selective_state_update kernels: Triton at block_p:num_warps, Mosaic GPU (mgpu)",
+        device=device,
         date=datetime.date.today().isoformat(), jax=jax.__version__, copy_bandwidth_Bps=bandwidth,
         timer="32 updates straight-line in one jitted program (pool donated), 3 calls + sync, "
               "median of 5, per update", rows=rows), indent=2))

@@ -35,8 +35,10 @@ def test_config_fields_name_a_bad_spec(spec, says):
 
 def test_ssu_sweep_specs_parse_or_name_the_bad_one(capsys):
     assert decode_args(["--ssu-sweep", "64:8, 16:1"]).ssu_sweep == [(64, 8), (16, 1)]
+    assert decode_args(["--ssu-sweep", "64:8, mgpu"]).ssu_sweep == [(64, 8), "mgpu"]
     assert decode_args([]).ssu_sweep is None
-    for bad, says in (("64x4", "64x4"), ("64:3", "64:3"), ("128:4", "128:4"), ("64", "64 is")):
+    for bad, says in (("64x4", "64x4"), ("64:3", "64:3"), ("128:4", "128:4"), ("64", "64 is"),
+                      ("mgpu2", "mgpu2")):
         with pytest.raises(SystemExit):
             decode_args(["--ssu-sweep", bad])
         assert says in capsys.readouterr().err

@@ -178,7 +178,8 @@ def test_calls_it_does_not_take_run_the_triton_kernel():
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,l,h,p,g,n,q,hb", [
     (1, 8192, 80, 64, 1, 128, 256, 4), (2, 4096, 16, 64, 8, 128, 256, 2),
-    (1, 4096, 8, 128, 1, 128, 128, 8), (1, 2048, 16, 64, 2, 64, 64, 4)])
+    (1, 4096, 8, 128, 1, 128, 128, 8), (1, 2048, 16, 64, 2, 64, 64, 4),
+    (1, 4096, 32, 128, 4, 64, 64, 8)])
 def test_gpu_kernel_real_sizes(b, l, h, p, g, n, q, hb):
     v = kernel_inputs(l, b, l, h, p, g, n, q)
     (dc, inter), (dc_tri, inter_tri) = jax.jit(functools.partial(

@@ -396,20 +396,29 @@ def test_gpu_64k_tokens_strong_decay_is_stable():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,l,h,p,g,n,q,lens", [(2, 3000, 16, 64, 8, 128, 128, None),
-                                                (1, 4096, 32, 128, 4, 64, 64, None),
-                                                (1, 5000, 16, 64, 2, 128, 256,
-                                                 (1000, 7, 0, 2500, 1493))])
-def test_gpu_backward_real_sizes(b, l, h, p, g, n, q, lens):
+@pytest.mark.parametrize("b,l,h,p,g,n,q,lens,oracle", [
+    (2, 3000, 16, 64, 8, 128, 128, None, "xla"),
+    # the chunked XLA reference's gradient did not compile in 220 s at this shape (jax 0.11.2,
+    # H200: "Very slow compile" of a reduce fusion); the token-by-token scan oracle does
+    (1, 4096, 32, 128, 4, 64, 64, None, "sequential"),
+    (1, 5000, 16, 64, 2, 128, 256, (1000, 7, 0, 2500, 1493), "xla")])
+def test_gpu_backward_real_sizes(b, l, h, p, g, n, q, lens, oracle):
     for dtype in (jnp.bfloat16, jnp.float32):
         args, w, wf, cu = case_args(b, l, h, p, g, n, dtype, ("D", "z", "h0"), lens)
+        kw = dict(D=None, z=None, dt_bias=None, dt_softplus=True, initial_states=None,
+                  cu_seqlens=cu)
 
         def scan(impl):
+            if impl == "sequential":
+                return lambda x, dt, A, B, C, D, z, bias, h0: ssd_sequential_ref(
+                    x, dt, A, B, C, **{**kw, "D": D, "z": z, "dt_bias": bias,
+                                       "initial_states": h0})
             return lambda x, dt, A, B, C, D, z, bias, h0: ssd_chunk_scan(
-                x, dt, A, B, C, chunk_size=q, D=D, z=z, dt_bias=bias, dt_softplus=True,
-                initial_states=h0, cu_seqlens=cu, return_final_states=True, impl=impl)
+                x, dt, A, B, C, chunk_size=q, **{**kw, "D": D, "z": z, "dt_bias": bias,
+                                                 "initial_states": h0},
+                return_final_states=True, impl=impl)
 
-        assert_grads_close(grads(scan("pallas"), w, wf, args), grads(scan("xla"), w, wf, args),
+        assert_grads_close(grads(scan("pallas"), w, wf, args), grads(scan(oracle), w, wf, args),
                            dtype)
 
 

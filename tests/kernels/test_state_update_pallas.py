@@ -71,16 +71,20 @@ def test_in_place_under_jit_with_donation():
     np.testing.assert_allclose(y, expected[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_lowers_for_cuda(pool_dtype):
-    b, h, p, g, n, slots = 64, 80, 64, 1, 128, 128
+def kernel_arg_shapes(pool_dtype, b=64, h=80, p=64, g=1, n=128, slots=128):
+    """Abstract arguments of a kernel call (pool, x, dt, A, B, C, D, dt_bias, z, idx)."""
     S = jax.ShapeDtypeStruct
-    args = (S((slots, h, p, n), pool_dtype), S((b, h, p), jnp.bfloat16), S((b, h), jnp.float32),
+    return (S((slots, h, p, n), pool_dtype), S((b, h, p), jnp.bfloat16), S((b, h), jnp.float32),
             S((h,), jnp.float32), S((b, g, n), jnp.bfloat16), S((b, g, n), jnp.bfloat16),
             S((h,), jnp.float32), S((h,), jnp.float32), S((b, h, p), jnp.bfloat16),
             S((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers_for_cuda(pool_dtype):
     fn = functools.partial(selective_state_update_pallas, softplus=True)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(fn).trace(*kernel_arg_shapes(pool_dtype)).lower(
+        lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
 
 

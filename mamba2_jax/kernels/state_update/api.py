@@ -16,12 +16,27 @@ import logging
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import check_dt_limit, resolve_impl
+from mamba2_jax.kernels.ssd.pallas_fwd import kernel_choice
+from mamba2_jax.kernels.state_update.mgpu_ssu import (mgpu_ssu_unsupported,
+                                                      selective_state_update_mgpu)
 from mamba2_jax.kernels.state_update.pallas_ssu import selective_state_update_pallas
 from mamba2_jax.kernels.state_update.reference import selective_state_update_ref
 from mamba2_jax.typing import Array
 
 _OP = "selective_state_update"
 log = logging.getLogger("mamba2_jax")
+KERNELS = ("auto", "mgpu", "triton")
+
+
+def which_kernel(kernel: str, state, x, B, interpret: bool = False) -> str:
+    """The Pallas kernel that runs: "mgpu" (``mgpu_ssu.py``) where asked for and it can take
+    the call, else "triton" (``pallas_ssu.py``). "auto" is Triton: the Mosaic GPU kernel was
+    measured faster on an H200 (1-6 % at batch >= 64, benchmarks/BENCHMARKS.md) only as a
+    variant writing a fresh pool; in place it has not run on a GPU yet."""
+    if kernel not in KERNELS:
+        raise ValueError(f"{_OP}: kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel_choice("kernel", "triton" if kernel == "auto" else kernel,
+                         lambda: mgpu_ssu_unsupported(state, x, B, interpret=interpret))
 
 
 def _pallas_unsupported(state, x, B) -> str | None:
@@ -93,6 +108,7 @@ def selective_state_update(
     state_batch_indices: Array | None = None,
     impl: str = "auto",
     interpret: bool = False,
+    kernel: str = "auto",
 ):
     """One Mamba-2 decode step against a pool of SSM states.
 
@@ -107,14 +123,20 @@ def selective_state_update(
         A negative index marks a padding row: it reads a zero state (finite output) and writes
         nothing (indices >= slots likewise). Repeated valid indices are undefined.
       impl: "auto" | "xla" | "pallas" (auto: the Pallas kernel on a GPU for a slot-indexed pool,
-        XLA for a dense batch or off a GPU); interpret: run the Pallas kernel in interpret mode. The Pallas kernel updates the pool in place when the caller donates
-        it (``jax.jit(..., donate_argnums=...)``).
+        XLA for a dense batch or off a GPU); interpret: run the Pallas kernel in interpret
+        mode. The Pallas kernel updates the pool in place when the caller donates it
+        (``jax.jit(..., donate_argnums=...)``).
+      kernel: which Pallas kernel: "triton" (``pallas_ssu.py``), "mgpu" (Mosaic GPU,
+        ``mgpu_ssu.py``; Triton where it cannot take the call) or "auto" (Triton for now:
+        :func:`which_kernel`).
 
     Returns:
       ``(y [b, h, p] in x.dtype, new pool [slots, h, p, n] in state.dtype)``; slots no row
       names are unchanged.
     """
     _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if kernel not in KERNELS:
+        raise ValueError(f"{_OP}: kernel must be one of {KERNELS}, got {kernel!r}")
     dt_limit = check_dt_limit(_OP, dt_limit)
     backend = resolve_impl(impl, op=_OP, pallas_available=True, interpret=interpret)
     if impl == "auto" and state_batch_indices is None:
@@ -129,7 +151,10 @@ def selective_state_update(
             idx = (jnp.arange(b, dtype=jnp.int32) if state_batch_indices is None
                    else state_batch_indices.astype(jnp.int32))
             limit = None if dt_limit == (0.0, float("inf")) else dt_limit
-            return selective_state_update_pallas(
+            run = (selective_state_update_mgpu
+                   if which_kernel(kernel, state, x, B, interpret) == "mgpu"
+                   else selective_state_update_pallas)
+            return run(
                 state, x, dt, A, B, C, jnp.zeros((h,), jnp.float32) if D is None else D,
                 jnp.zeros((h,), jnp.float32) if dt_bias is None else dt_bias, z, idx,
                 softplus=dt_softplus, limit=limit, interpret=interpret)

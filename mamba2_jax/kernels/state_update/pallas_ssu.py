@@ -5,8 +5,8 @@ j, applies ``s' = exp(dt A_j) s + dt x B^T``, writes ``y = s' C + D x`` (gated b
 stores ``s'`` back into the same slot. The pool is aliased input -> output
 (``input_output_aliases``), so under ``jax.jit`` with the pool donated no copy is made and slots
 no row names keep their contents. A negative slot (or one >= slots) is a padding row: it reads a
-zero state and stores nothing, as in the reference. Dtype policy as the reference: float32 arithmetic, ``y`` in ``x.dtype``, the pool
-keeps its dtype.
+zero state and stores nothing, as in the reference. Dtype policy as the reference: float32
+arithmetic, ``y`` in ``x.dtype``, the pool keeps its dtype.
 """
 
 from __future__ import annotations
