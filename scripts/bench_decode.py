@@ -5,7 +5,9 @@ pool) against mamba_ssm's Triton ``selective_state_update``, same inputs, same t
 
 Timer: as ``bench_kernels.py`` (wall clock around back-to-back calls + sync, median), plus, for
 mamba_ssm, the replay of a captured CUDA graph. Achieved state bandwidth = 2 x (state bytes of
-the b rows) / time, reported against the measured copy bandwidth.
+the b rows) / time, reported against the measured copy bandwidth. The device-time loop runs
+ours with the default kernel and with ``kernel="mgpu"`` (the Mosaic GPU kernel in place;
+``ours_mgpu_in_loop_ms``, or why it failed).
 
     python scripts/bench_decode.py --conv --out benchmarks/results
 
@@ -428,13 +430,13 @@ def main():
         # Device time without host dispatch: 64 updates in one compiled program, straight-line
         # (no while loop, whose per-iteration condition check would be counted), the pool
         # threaded through and donated; for ours and for the XLA reference.
-        def looped(impl, n=64):
+        def looped(impl, n=64, kernel="auto"):
             def run(pool):
                 acc = jnp.float32(0)
                 for _ in range(n):
                     y, pool = selective_state_update(pool, x, dt, A, B, C, D=D, dt_bias=bias,
                                                      state_batch_indices=idx, dt_softplus=True,
-                                                     impl=impl)
+                                                     impl=impl, kernel=kernel)
                     acc = acc + y[0, 0, 0].astype(jnp.float32)
                 return pool, acc
             run = jax.jit(run, donate_argnums=0)
@@ -448,6 +450,10 @@ def main():
             return ms
         row["ours_in_loop_ms"] = looped("pallas")
         row["xla_in_loop_ms"] = looped("xla")
+        try:  # the Mosaic GPU kernel in place (opt-in kernel="mgpu"), same program
+            row["ours_mgpu_in_loop_ms"] = looped("pallas", kernel="mgpu")
+        except Exception as e:  # recorded, not timed
+            row["ours_mgpu_in_loop_ms"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
         row["mamba_ssm_ms"] = timeit(theirs, tsync, iters=50, reps=7)
         try:
             graph = cuda_graph(torch, theirs)
@@ -455,8 +461,9 @@ def main():
         except Exception as e:
             row["mamba_ssm_graph_ms"] = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
         state_bytes = 2 * b * h * p * n * 4
-        for k in ("ours", "ours_in_loop", "xla_in_loop", "mamba_ssm"):
-            row[f"{k}_bandwidth_fraction"] = state_bytes / (row[f"{k}_ms"] * 1e-3) / bandwidth
+        for k in ("ours", "ours_in_loop", "xla_in_loop", "mamba_ssm", "ours_mgpu_in_loop"):
+            if isinstance(row[f"{k}_ms"], float):
+                row[f"{k}_bandwidth_fraction"] = state_bytes / (row[f"{k}_ms"] * 1e-3) / bandwidth
         if isinstance(row["mamba_ssm_graph_ms"], float):
             row["mamba_ssm_graph_bandwidth_fraction"] = state_bytes / (row["mamba_ssm_graph_ms"] * 1e-3) / bandwidth
         rows.append(row)
