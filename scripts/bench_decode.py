@@ -60,6 +60,8 @@ CONV_SHAPES = [(5376, 4, b) for b in (1, 64, 256)]  # (channels c, width k, batc
 PREFILL_SHAPES = [("dense", 1, 8192, None), ("dense", 4, 4096, None),
                   ("varlen", 1, 8192, (0, 1000, 1003, 5000, 8192))]
 PREFILL_C, PREFILL_K = 5376, 4
+# --ssu-sweep's named configs: the Mosaic GPU kernel's keywords (mgpu_fresh: a fresh pool buffer)
+MGPU_SWEEP = {"mgpu": {}, "mgpu_fresh": {"alias": False}}
 # Kernel configurations tried for ours: (block_t, block_c, num_warps); the first is the default.
 PREFILL_CONFIGS = [(32, 256, 4), (16, 256, 4), (64, 128, 4), (64, 256, 8), (32, 128, 4),
                    (128, 64, 4)]
@@ -80,15 +82,14 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ssu_sweep is not None:
-        named = ("mgpu", "mgpu_fresh")
         try:
-            args.ssu_sweep = [c if c in named else tuple(int(v) for v in c.split(":"))
+            args.ssu_sweep = [c if c in MGPU_SWEEP else tuple(int(v) for v in c.split(":"))
                               for c in (c.strip() for c in args.ssu_sweep.split(","))]
         except ValueError:
             ap.error(f"--ssu-sweep: expected block_p:num_warps pairs, mgpu or mgpu_fresh, "
                      f"got {args.ssu_sweep!r}")
         for c in args.ssu_sweep:
-            if c not in named and (len(c) != 2 or any(v < 1 or v & (v - 1) for v in c)
+            if c not in MGPU_SWEEP and (len(c) != 2 or any(v < 1 or v & (v - 1) for v in c)
                                    or c[0] > 64):
                 ap.error(f"--ssu-sweep: {':'.join(map(str, c))} is not block_p:num_warps with "
                          f"powers of two and block_p <= 64 (the head dim)")
@@ -308,7 +309,7 @@ def bench_ssu_sweep(args):
     for h, p, g, n, b in SHAPES:
         ks = jax.random.split(jax.random.PRNGKey(0), 8)
         slots = 2 * b
-        pool = pool0 = jax.random.normal(ks[0], (slots, h, p, n), jnp.float32)
+        pool = jax.random.normal(ks[0], (slots, h, p, n), jnp.float32)
         x = jax.random.normal(ks[1], (b, h, p), jnp.bfloat16)
         dt = jax.random.normal(ks[2], (b, h)) - 1.0
         A = -jax.random.uniform(ks[3], (h,)) * 4 - 0.5
@@ -318,10 +319,8 @@ def bench_ssu_sweep(args):
         idx = jax.random.permutation(jax.random.PRNGKey(1), slots)[:b].astype(jnp.int32)
         row = dict(shape=dict(h=h, p=p, g=g, n=n, b=b), us={}, bandwidth_fraction={})
         for config in configs:
-            if config == "mgpu":
-                update = selective_state_update_mgpu
-            elif config == "mgpu_fresh":  # the kernel alone, writing a fresh pool buffer
-                update = functools.partial(selective_state_update_mgpu, alias=False)
+            if config in MGPU_SWEEP:
+                update = functools.partial(selective_state_update_mgpu, **MGPU_SWEEP[config])
             else:
                 update = functools.partial(selective_state_update_pallas, block_p=config[0],
                                            num_warps=config[1])
@@ -345,7 +344,7 @@ def bench_ssu_sweep(args):
                 row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:300]
                 continue
             finally:
-                pool = box[0] if not box[0].is_deleted() else pool0
+                pool = box[0]  # (a failed compile donates nothing)
             row["us"][key] = ms * 1e3
             row["bandwidth_fraction"][key] = 2 * b * h * p * n * 4 / (ms * 1e-3) / bandwidth
         rows.append(row)

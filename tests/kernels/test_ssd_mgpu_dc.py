@@ -16,14 +16,7 @@ from mamba2_jax.kernels.ssd.mgpu_dc import dC_partials_mgpu
 from mamba2_jax.kernels.ssd.pallas import SSDKernelConfig, ssd_pallas
 from mamba2_jax.kernels.ssd.pallas_bwd import dC_partials, which_dc_kernel
 
-pytest.importorskip("absl")  # jax.experimental.pallas.mosaic_gpu imports it
-ON_GPU = jax.default_backend() == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from test_ssd_mgpu import gpu, rel  # (that module skips itself without absl, so this one too)
 
 
 def kernel_inputs(seed, b, l, h, p, g, n, q):

@@ -405,18 +405,16 @@ def test_gpu_64k_tokens_strong_decay_is_stable():
 def test_gpu_backward_real_sizes(b, l, h, p, g, n, q, lens, oracle):
     for dtype in (jnp.bfloat16, jnp.float32):
         args, w, wf, cu = case_args(b, l, h, p, g, n, dtype, ("D", "z", "h0"), lens)
-        kw = dict(D=None, z=None, dt_bias=None, dt_softplus=True, initial_states=None,
-                  cu_seqlens=cu)
 
         def scan(impl):
-            if impl == "sequential":
-                return lambda x, dt, A, B, C, D, z, bias, h0: ssd_sequential_ref(
-                    x, dt, A, B, C, **{**kw, "D": D, "z": z, "dt_bias": bias,
-                                       "initial_states": h0})
-            return lambda x, dt, A, B, C, D, z, bias, h0: ssd_chunk_scan(
-                x, dt, A, B, C, chunk_size=q, **{**kw, "D": D, "z": z, "dt_bias": bias,
-                                                 "initial_states": h0},
-                return_final_states=True, impl=impl)
+            def run(x, dt, A, B, C, D, z, bias, h0):
+                kw = dict(D=D, z=z, dt_bias=bias, dt_softplus=True, initial_states=h0,
+                          cu_seqlens=cu)
+                if impl == "sequential":
+                    return ssd_sequential_ref(x, dt, A, B, C, **kw)
+                return ssd_chunk_scan(x, dt, A, B, C, chunk_size=q, return_final_states=True,
+                                      impl=impl, **kw)
+            return run
 
         assert_grads_close(grads(scan("pallas"), w, wf, args), grads(scan(oracle), w, wf, args),
                            dtype)

@@ -12,6 +12,7 @@ import pytest
 from mamba2_jax.kernels.state_update import selective_state_update
 from mamba2_jax.kernels.state_update.api import which_kernel
 from mamba2_jax.kernels.state_update.mgpu_ssu import in_place_route, selective_state_update_mgpu
+from test_state_update_pallas import both as pool_both
 from test_state_update_pallas import inputs as pool_inputs
 from test_state_update_pallas import kernel_arg_shapes, rel
 
@@ -27,12 +28,8 @@ def inputs(seed, b, h, p, g, n, slots, pool_dtype=jnp.float32, x_dtype=jnp.bfloa
 
 
 def both(v, **kw):
-    args = (v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"])
-    common = dict(dt_bias=v["dt_bias"], dt_softplus=True, state_batch_indices=v["idx"], **kw)
     assert which_kernel("mgpu", v["state"], v["x"], v["B"], interpret=not ON_GPU) == "mgpu"
-    ours = selective_state_update(*args, impl="pallas", interpret=not ON_GPU, kernel="mgpu",
-                                  **common)
-    return ours, selective_state_update(*args, impl="xla", **common)
+    return pool_both(v, kernel="mgpu", **kw)
 
 
 def assert_matches(v, got, want, y_tol, pool_tol):
@@ -121,16 +118,19 @@ def test_gpu_real_sizes_in_place(b, h, g, pool_dtype):
     assert_matches(v, (y, new), want, 1e-2, 1e-2 if bf16 else 1e-5)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.gpu
-@pytest.mark.parametrize("b,h,g", [(1, 80, 1), (64, 128, 8)])
-def test_gpu_fresh_pool_variant_matches_on_the_named_slots(b, h, g):
+@pytest.mark.parametrize("b,h,g", [
+    (4, 2, 1),
+    pytest.param(1, 80, 1, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not ON_GPU, reason="needs a GPU")]),
+    pytest.param(64, 128, 8, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not ON_GPU, reason="needs a GPU")])])
+def test_fresh_pool_variant_matches_on_the_named_slots(b, h, g):
     # alias=False (the benchmarks' variant where the in-place form cannot lower): y and the
     # slots the rows name are the reference's; the other slots of its pool are undefined
     v = inputs(b, b=b, h=h, p=64, g=g, n=128, slots=2 * b + 1)
     y, pool = selective_state_update_mgpu(v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"],
                                           v["D"], v["dt_bias"], v["z"], v["idx"], softplus=True,
-                                          alias=False)
+                                          alias=False, interpret=not ON_GPU)
     y_ref, pool_ref = selective_state_update(
         v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"], D=v["D"], z=v["z"],
         dt_bias=v["dt_bias"], dt_softplus=True, state_batch_indices=v["idx"], impl="xla")

@@ -46,9 +46,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mamba2_jax.kernels.ssd.mgpu_output import (ROWS, SMEM_BYTES, _plgpu, copy_entering_state,
-                                                decayed, interpret_params, layout_caster,
-                                                mgpu_unsupported, tiled_smem, wgmma)
+from mamba2_jax.kernels.ssd.mgpu_output import (ROWS, SMEM_BYTES, _plgpu, causal_blocks,
+                                                copy_entering_state, interpret_params,
+                                                layout_caster, mgpu_unsupported, tiled_smem,
+                                                wgmma)
 
 
 def smem_bytes(q: int, p: int, n: int) -> int:
@@ -125,20 +126,9 @@ def _dc_kernel(x_ref, dY_ref, B_ref, C_ref, acum_ref, dt_ref, h0_ref, end_ref, d
             dYs = (dY_i * lax.broadcast_in_dim(e_i, (ROWS, p), [0])).astype(dtype)
             mma(acc_ref, dYs, S_s, 1)  # acc += exp(acum_i) dY_r S
 
-            def column_block(j, carry, diagonal):
-                plgpu.barrier_wait(bar_x.at[j])
-
-                def scores(s_ref):  # dY_r x_j^T
-                    mma(s_ref, dY_s.at[wg], x_s.at[j], 2, transpose_b=True)
-                    return s_ref[...]
-
-                s = pl.run_scoped(scores, plgpu.ACC((ROWS, ROWS), jnp.float32))
-                s = decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret)
-                mma(acc_ref, s.astype(dtype), B_s.at[j], 3)  # acc += scores B_j
-                return carry
-
-            lax.fori_loop(0, wg, functools.partial(column_block, diagonal=False), 0)
-            column_block(wg, 0, diagonal=True)
+            # acc += sum_j decayed(dY_r x_j^T) B_j
+            causal_blocks(mma, acc_ref, dY_s.at[wg], x_s, B_s, acum_i, acum_s, dt_s, wg,
+                          lambda j: plgpu.barrier_wait(bar_x.at[j]), (2, 3), interpret)
             plgpu.wgmma_wait(0)  # this warpgroup's products have read the head's blocks
             plgpu.barrier_arrive(bar_done)
             plgpu.barrier_wait(bar_done)  # ... and every other warpgroup's have

@@ -153,6 +153,30 @@ def decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret=False):
     return s * jnp.exp(diff) * lax.broadcast_in_dim(dt_j, shape, [1])
 
 
+def causal_blocks(mma, acc_ref, rows, cols_s, vals_s, acum_i, acum_s, dt_s, wg, wait, slots,
+                  interpret=False):
+    """``acc += sum_{j <= wg} decayed(rows cols_j^T) vals_j`` over the 64-row column blocks j
+    of a chunk, the diagonal block masked: ``rows`` [64, k] (warpgroup ``wg``'s block),
+    ``cols_s`` / ``vals_s`` the chunk's blocks in shared memory; ``wait(j)`` before block j is
+    read; ``slots`` the (scores, product) scratch slots of ``mma`` (see :func:`wgmma`)."""
+    plgpu = _plgpu()
+
+    def column_block(j, carry, diagonal):
+        wait(j)
+
+        def scores(s_ref):  # rows cols_j^T
+            mma(s_ref, rows, cols_s.at[j], slots[0], transpose_b=True)
+            return s_ref[...]
+
+        s = pl.run_scoped(scores, plgpu.ACC((ROWS, ROWS), jnp.float32))
+        s = decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret)
+        mma(acc_ref, s.astype(vals_s.dtype), vals_s.at[j], slots[1])  # acc += S vals_j
+        return carry
+
+    lax.fori_loop(0, wg, functools.partial(column_block, diagonal=False), 0)
+    column_block(wg, 0, diagonal=True)
+
+
 def tiled_smem(dtype):
     """A shared-memory allocator of wgmma operands: 128-byte swizzle, (8, 64) tiles."""
     plgpu = _plgpu()
@@ -213,21 +237,13 @@ def _output_kernel(x_ref, C_ref, B_ref, acum_ref, dt_ref, h0_ref, end_ref, D_ref
             Cs = (Ci * lax.broadcast_in_dim(jnp.exp(acum_i), (ROWS, n), [0])).astype(dtype)
             mma(acc_ref, Cs, S_s, 0, transpose_b=True)
 
-            def column_block(j, carry, diagonal):
+            def wait(j):
                 plgpu.barrier_wait(bar_b.at[j])
                 plgpu.barrier_wait(bar_x.at[j])
 
-                def scores(s_ref):  # C_r B_j^T
-                    mma(s_ref, C_s.at[wg], B_s.at[j], 2, transpose_b=True)
-                    return s_ref[...]
-
-                s = pl.run_scoped(scores, plgpu.ACC((ROWS, ROWS), jnp.float32))
-                s = decayed(s, acum_i, acum_s, dt_s, j, diagonal, interpret)
-                mma(acc_ref, s.astype(dtype), x_s.at[j], 1)  # acc += S x_j
-                return carry
-
-            lax.fori_loop(0, wg, functools.partial(column_block, diagonal=False), 0)
-            column_block(wg, 0, diagonal=True)
+            # acc += sum_j decayed(C_r B_j^T) x_j
+            causal_blocks(mma, acc_ref, C_s.at[wg], B_s, x_s, acum_i, acum_s, dt_s, wg, wait,
+                          (2, 1), interpret)
             return acc_ref[...]
 
         acc = pl.run_scoped(row_block, plgpu.ACC((ROWS, p), jnp.float32))

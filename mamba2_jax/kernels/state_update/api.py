@@ -28,13 +28,17 @@ log = logging.getLogger("mamba2_jax")
 KERNELS = ("auto", "mgpu", "triton")
 
 
+def _check_kernel(kernel) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"{_OP}: kernel must be one of {KERNELS}, got {kernel!r}")
+
+
 def which_kernel(kernel: str, state, x, B, interpret: bool = False) -> str:
     """The Pallas kernel that runs: "mgpu" (``mgpu_ssu.py``) where asked for and it can take
     the call, else "triton" (``pallas_ssu.py``). "auto" is Triton: the Mosaic GPU kernel was
     measured faster on an H200 (1-6 % at batch >= 64, benchmarks/BENCHMARKS.md) only as a
     variant writing a fresh pool; in place it has not run on a GPU yet."""
-    if kernel not in KERNELS:
-        raise ValueError(f"{_OP}: kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_kernel(kernel)
     return kernel_choice("kernel", "triton" if kernel == "auto" else kernel,
                          lambda: mgpu_ssu_unsupported(state, x, B, interpret=interpret))
 
@@ -135,8 +139,7 @@ def selective_state_update(
       names are unchanged.
     """
     _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    if kernel not in KERNELS:
-        raise ValueError(f"{_OP}: kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_kernel(kernel)
     dt_limit = check_dt_limit(_OP, dt_limit)
     backend = resolve_impl(impl, op=_OP, pallas_available=True, interpret=interpret)
     if impl == "auto" and state_batch_indices is None:

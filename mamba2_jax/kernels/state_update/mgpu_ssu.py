@@ -72,6 +72,7 @@ def mgpu_ssu_unsupported(state, x, B, *, interpret: bool = False) -> str | None:
     return _device_reason()
 
 
+@functools.cache
 def in_place_route() -> str | None:
     """How this jax runs the kernel in place: "pallas_call" (``input_output_aliases``; jax
     0.10.2 registers Mosaic GPU's ``pallas_call`` lowering when ``pallas_call_registration`` is
@@ -203,6 +204,8 @@ def selective_state_update_mgpu(state, x, dt, A, B, C, D, dt_bias, z, idx, *, so
     kernel_over_grid = functools.partial(plgpu.kernel, grid=(b, h), grid_names=("rows", "heads"),
                                          compiler_params=params,
                                          interpret=interpret_params(interpret))
+    if not alias:
+        return kernel_over_grid(kernel, out_type=out_type)(*args)
     if interpret and route != "ref":
         # jax 0.10's interpreter runs a multi-program pallas_call wrong (every program after
         # the first loses its outputs), and its plgpu.kernel takes no jax.new_ref: the
@@ -214,8 +217,6 @@ def selective_state_update_mgpu(state, x, dt, A, B, C, D, dt_bias, z, idx, *, so
 
             kernel(*refs)
         return kernel_over_grid(copy_then_update, out_type=out_type)(*args)
-    if not alias:
-        return kernel_over_grid(kernel, out_type=out_type)(*args)
     if route == "ref":  # (interpreted too on jax 0.11: the GPU's route)
         pool = jax.new_ref(state)  # the kernel reads and writes it: an aliased operand
         y = kernel_over_grid(lambda *refs: kernel(*refs, refs[1]), out_type=out_type[0])(
