@@ -67,6 +67,25 @@ PREFILL_CONFIGS = [(32, 256, 4), (16, 256, 4), (64, 128, 4), (64, 256, 8), (32, 
                    (128, 64, 4)]
 
 
+def parse_configs(value: str, names) -> list:
+    """','-separated block_p:num_warps pairs (powers of two, block_p <= 64: the head dim) or
+    named configs; a ValueError says which item is wrong."""
+    configs = []
+    for c in (c.strip() for c in value.split(",")):
+        if c in names:
+            configs.append(c)
+            continue
+        try:
+            pair = tuple(int(v) for v in c.split(":"))
+        except ValueError:
+            pair = ()
+        if len(pair) != 2 or any(v < 1 or v & (v - 1) for v in pair) or pair[0] > 64:
+            raise ValueError(f"{c!r} is not block_p:num_warps with powers of two and block_p "
+                             f"<= 64 (the head dim), nor one of {', '.join(names)}")
+        configs.append(pair)
+    return configs
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default=".peers")
@@ -78,21 +97,19 @@ def parse_args(argv=None):
     ap.add_argument("--ssu-sweep", default=None,
                     help="time our state update kernels at these block_p:num_warps (and 'mgpu': "
                          "the Mosaic GPU kernel), ','-separated")
+    ap.add_argument("--mixer-step", default=None,
+                    help="time the fused decode step (kernels/mixer_step) at these "
+                         "block_p:num_warps ('default': its launch rule) against the unfused "
+                         "ops through XLA ('xla'), ','-separated")
     # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.ssu_sweep is not None:
-        try:
-            args.ssu_sweep = [c if c in MGPU_SWEEP else tuple(int(v) for v in c.split(":"))
-                              for c in (c.strip() for c in args.ssu_sweep.split(","))]
-        except ValueError:
-            ap.error(f"--ssu-sweep: expected block_p:num_warps pairs, mgpu or mgpu_fresh, "
-                     f"got {args.ssu_sweep!r}")
-        for c in args.ssu_sweep:
-            if c not in MGPU_SWEEP and (len(c) != 2 or any(v < 1 or v & (v - 1) for v in c)
-                                   or c[0] > 64):
-                ap.error(f"--ssu-sweep: {':'.join(map(str, c))} is not block_p:num_warps with "
-                         f"powers of two and block_p <= 64 (the head dim)")
+    for flag, names in (("ssu_sweep", MGPU_SWEEP), ("mixer_step", ("xla", "default"))):
+        if getattr(args, flag) is not None:
+            try:
+                setattr(args, flag, parse_configs(getattr(args, flag), names))
+            except ValueError as e:
+                ap.error(f"--{flag.replace('_', '-')}: {e}")
     return args
 
 
@@ -293,6 +310,31 @@ def bench_conv_prefill(args):
               f"| {fmt(r.get('ours_best_bandwidth_fraction'))} | {r['rel_err_vs_xla']:.1e} |")
 
 
+def time_steps(run, state: list, row: dict, config, nbytes: int, bandwidth: float,
+               steps: int = 32) -> list:
+    """Time ``run(*state) -> (*new state, acc)`` (jitted, the state donated, ``steps`` steps a
+    call; 3 calls + sync, median of 5) into ``row["us"]`` / ``row["bandwidth_fraction"]`` under
+    the config's name, or its error into ``row["errors"]`` (a config that does not compile is
+    recorded, not timed). Returns the live state buffers (a failed compile donates nothing)."""
+    import jax
+
+    box = list(state)
+
+    def call():
+        *box[:], acc = run(*box)
+        return acc
+    key = config if isinstance(config, str) else ":".join(map(str, config))
+    try:
+        ms = timeit(call, lambda out: jax.block_until_ready(out) if out is not None else None,
+                    iters=3, reps=5) / steps
+    except Exception as e:  # noqa: BLE001
+        row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:300]
+        return box
+    row["us"][key] = ms * 1e3
+    row["bandwidth_fraction"][key] = nbytes / (ms * 1e-3) / bandwidth
+    return box
+
+
 def bench_ssu_sweep(args):
     import jax
     import jax.numpy as jnp
@@ -303,7 +345,6 @@ def bench_ssu_sweep(args):
 
     bandwidth, _ = ceilings(torch)
     device = torch.cuda.get_device_name()
-    sync = lambda out: jax.block_until_ready(out) if out is not None else None
     configs = args.ssu_sweep
     rows = []
     for h, p, g, n, b in SHAPES:
@@ -331,22 +372,8 @@ def bench_ssu_sweep(args):
                     y, pool = update(pool, x, dt, A, B, C, D, bias, None, idx, softplus=True)
                     acc = acc + y[0, 0, 0].astype(jnp.float32)
                 return pool, acc
-            run = jax.jit(run, donate_argnums=0)
-            box = [pool]
-
-            def call(run=run):
-                box[0], acc = run(box[0])
-                return acc
-            key = config if isinstance(config, str) else ":".join(map(str, config))
-            try:
-                ms = timeit(call, sync, iters=3, reps=5) / 32
-            except Exception as e:  # a config that does not compile here: recorded, not timed
-                row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:300]
-                continue
-            finally:
-                pool = box[0]  # (a failed compile donates nothing)
-            row["us"][key] = ms * 1e3
-            row["bandwidth_fraction"][key] = 2 * b * h * p * n * 4 / (ms * 1e-3) / bandwidth
+            (pool,) = time_steps(jax.jit(run, donate_argnums=0), [pool], row, config,
+                                 2 * b * h * p * n * 4, bandwidth)
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)
@@ -359,10 +386,68 @@ def bench_ssu_sweep(args):
               "median of 5, per update", rows=rows), indent=2))
 
 
+MIXER_STEP_SHAPE = dict(heads=80, head_dim=64, groups=1, state_size=128)  # Mamba2-2.7B
+
+
+def bench_mixer_step(args):
+    """The fused decode step's kernel configs and the same math through XLA (the reference:
+    what impl="auto" ran before the fusion), b = 1 and 64, the 2.7B mixer, bf16 activations,
+    float32 state; 32 steps in a ``lax.fori_loop`` of one jitted program, states donated."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from mamba2_jax.kernels.mixer_step import mixer_step
+
+    bandwidth, _ = ceilings(torch)
+    device = torch.cuda.get_device_name()
+    h, p, g, n = (MIXER_STEP_SHAPE[k] for k in ("heads", "head_dim", "groups", "state_size"))
+    i, c, k = h * p, h * p + 2 * g * n, 4
+    rows = []
+    for b in (1, 64):
+        ks = jax.random.split(jax.random.PRNGKey(b), 6)
+        zx = jax.random.normal(ks[0], (b, i + c + h), jnp.bfloat16)
+        conv = jax.random.normal(ks[1], (b, c, k - 1), jnp.bfloat16)
+        w = jax.random.normal(ks[2], (c, k), jnp.bfloat16)
+        cb = jax.random.normal(ks[3], (c,), jnp.bfloat16)
+        ssm = jax.random.normal(ks[4], (b, h, p, n), jnp.float32)
+        A_log, D, dtb = jnp.zeros((h,)), jnp.ones((h,)), jax.random.normal(ks[5], (h,)) - 2
+        nbytes = 2 * ssm.nbytes + 2 * conv.nbytes + zx.nbytes + b * i * 4
+        row = dict(b=b, bytes=nbytes, us={}, bandwidth_fraction={})
+        for config in args.mixer_step:
+            kw = (dict(impl="xla") if config == "xla" else dict(impl="pallas") if
+                  config == "default" else dict(impl="pallas", block_p=config[0],
+                                                num_warps=config[1]))
+
+            def run(conv, ssm, kw=kw, steps=32):
+                # a rolled loop: straight-line steps of the XLA version fuse into one pass over
+                # the state (each step is elementwise in it), which no decode loop can do
+                def body(_, carry):
+                    conv, ssm, acc = carry
+                    y, conv, ssm = mixer_step(zx, conv, w, cb, ssm, A_log, D, dtb, a_is_log=True,
+                                              **MIXER_STEP_SHAPE, **kw)
+                    return conv, ssm, acc + y[0, 0]
+                return jax.lax.fori_loop(0, steps, body, (conv, ssm, jnp.float32(0)))
+            conv, ssm = time_steps(jax.jit(run, donate_argnums=(0, 1)), [conv, ssm], row, config,
+                                   nbytes, bandwidth)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("mixer_step_" + device.replace(" ", "_") + ".json")).write_text(json.dumps(dict(
+        op="fused decode step (conv update + state update + gate), 2.7B mixer", device=device,
+        shape=MIXER_STEP_SHAPE, date=datetime.date.today().isoformat(), jax=jax.__version__,
+        copy_bandwidth_Bps=bandwidth, timer="32 steps in a lax.fori_loop of one jitted program "
+        "(states donated), 3 calls + sync, median of 5, per step", rows=rows), indent=2))
+
+
 def main():
     args = parse_args()
     if args.ssu_sweep:
         bench_ssu_sweep(args)
+        return
+    if args.mixer_step:
+        bench_mixer_step(args)
         return
     if args.conv_prefill or args.smoke:
         bench_conv_prefill(args)

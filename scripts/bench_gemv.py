@@ -1,5 +1,6 @@
-"""Benchmark the small-batch GEMV on a GPU: ours (Pallas split-K, ``impl="pallas"``) against XLA
-(``jnp.dot``), bf16, for the Mamba-2 2.7b decode projections.
+"""Benchmark the small-batch GEMV on a GPU: ours (Pallas, ``impl="pallas"``: the split-K Triton
+kernel and the Mosaic GPU one, ``kernel="mgpu"``) against XLA (``jnp.dot``), bf16, for the
+Mamba-2 2.7b decode projections.
 
     python scripts/bench_gemv.py --out benchmarks/results
 
@@ -54,9 +55,19 @@ CONFIGS = [
     dict(block_n=256, block_k=64, num_warps=8),
     dict(method="fma", block_n=128, block_k=32),
     dict(method="fma", block_n=256, block_k=32),
+    # the Mosaic GPU kernel (kernel="mgpu"); in_out takes block_n 64, out_in block_k 64
+    dict(kernel="mgpu"),
+    dict(kernel="mgpu", stages=8),
+    dict(kernel="mgpu", stages=12),
+    dict(kernel="mgpu", splits=1),
+    dict(kernel="mgpu", splits=4, stages=8),
+    dict(kernel="mgpu", block_k=128, stages=6),
+    dict(kernel="mgpu", block_k=256, stages=4),
+    dict(kernel="mgpu", block_n=128, stages=6),
+    dict(kernel="mgpu", block_n=256, stages=4),
 ]
 SMOKE_CONFIGS = [dict(), dict(block_n=16, block_k=16, splits=3), dict(block_n=48),
-                 dict(method="fma", block_n=16, block_k=16)]
+                 dict(method="fma", block_n=16, block_k=16), dict(kernel="mgpu")]
 
 
 def parse_args(argv=None):
@@ -86,6 +97,7 @@ def main(argv=None):
 
     from mamba2_jax.kernels.gemv import gemv
     from mamba2_jax.kernels.gemv.api import _sm_count
+    from mamba2_jax.kernels.gemv.mgpu_gemv import mgpu_plan
     from mamba2_jax.kernels.gemv.pallas_gemv import plan
 
     smoke = args.smoke
@@ -150,9 +162,10 @@ def main(argv=None):
             for cfg in configs:
                 entry = dict(config=cfg)
                 try:
-                    p = plan(m, K, N, sm_count=sm, **{k: v for k, v in cfg.items()
-                                                     if k in ("block_n", "block_k", "splits",
-                                                              "method")})
+                    mgpu = cfg.get("kernel") == "mgpu"
+                    p = (mgpu_plan if mgpu else plan)(m, K, N, sm_count=sm, **{
+                        k: v for k, v in cfg.items()
+                        if k in ("block_n", "block_k", "splits", "method", "stages")})
                     entry["plan"] = dict(p, grid=list(p["grid"]))
                     f = jax.jit(lambda x, ws, cfg=cfg, lay=layout: tuple(
                         gemv(x, w, w_layout=lay, **ours_kw, **cfg) for w in ws))

@@ -37,11 +37,17 @@ def test_ssu_sweep_specs_parse_or_name_the_bad_one(capsys):
     assert decode_args(["--ssu-sweep", "64:8, 16:1"]).ssu_sweep == [(64, 8), (16, 1)]
     assert decode_args(["--ssu-sweep", "64:8, mgpu"]).ssu_sweep == [(64, 8), "mgpu"]
     assert decode_args([]).ssu_sweep is None
-    for bad, says in (("64x4", "64x4"), ("64:3", "64:3"), ("128:4", "128:4"), ("64", "64 is"),
-                      ("mgpu2", "mgpu2")):
-        with pytest.raises(SystemExit):
-            decode_args(["--ssu-sweep", bad])
-        assert says in capsys.readouterr().err
+    assert decode_args(["--mixer-step", "xla,default, 16:4"]).mixer_step == [
+        "xla", "default", (16, 4)]
+    for flag in ("--ssu-sweep", "--mixer-step"):
+        for bad, says in (("64x4", "'64x4'"), ("64:3", "'64:3'"), ("128:4", "'128:4'"),
+                          ("64", "'64' is"), ("mgpu2", "'mgpu2'")):
+            with pytest.raises(SystemExit):
+                decode_args([flag, bad])
+            assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decode_args(["--mixer-step", "mgpu"])  # an --ssu-sweep name only
+    assert "'mgpu'" in capsys.readouterr().err
 
 
 def test_device_span_is_the_median_call_from_first_start_to_last_end():
@@ -94,3 +100,21 @@ def test_breakdowns_run_each_decays_path(decays):
     assert set(out) == {"prologue", "states", "outputs"} and min(out.values()) > 0
     out = backward_breakdown(*args, jax.random.normal(k[0], x.shape), sync, interpret=True)
     assert set(out) == {"backward", "gradient_states", "dx_dB", "dC"} and min(out.values()) > 0
+
+
+def test_time_steps_records_a_time_or_the_error():
+    import jax
+    import jax.numpy as jnp
+
+    from bench_decode import time_steps
+
+    run = jax.jit(lambda a, b: (a + 1, b * 2, jnp.sum(a)), donate_argnums=(0, 1))
+    row = dict(us={}, bandwidth_fraction={})
+    a, b = time_steps(run, [jnp.zeros(4), jnp.ones(4)], row, (16, 4), nbytes=64, bandwidth=1e9)
+    assert row["us"]["16:4"] > 0 and row["bandwidth_fraction"]["16:4"] > 0
+    assert float(a[0]) > 0 and float(b[0]) > 1  # the state went through the calls
+
+    def broken(a):
+        raise ValueError("does not compile")
+    (c,) = time_steps(broken, [a], row, "xla", nbytes=64, bandwidth=1e9)
+    assert "does not compile" in row["errors"]["xla"] and "xla" not in row["us"] and c is a

@@ -36,12 +36,22 @@ from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from mamba2_jax.kernels.gemv import gemv
 from mamba2_jax.kernels.gemv.api import decode_takes_kernel
+from mamba2_jax.kernels.mixer_step import mixer_step, mixer_step_unsupported
+from mamba2_jax.kernels.rms_norm import rms_norm
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
 from mamba2_jax.sharding.layout import conv_shard_rows, local_config
 from mamba2_jax.sharding.params import logical_init, logical_param
 from mamba2_jax.sharding.plan import MixerPlan
+
+# The decode step (no mesh) under impl="auto" on a GPU runs conv update + state update + gate
+# as one fused kernel (kernels/mixer_step) up to FUSED_STEP_MAX_ROWS rows; False: the separate
+# ops (a benchmark knob). H200, 2.7B shape, scripts/bench_generate.py: b = 1 fused 2.306 /
+# 2.448 ms a token against 2.506 / 2.703 unfused (two runs); b = 64 10.63 / 11.26 against
+# 9.20 / 9.25, so larger batches keep the separate ops (XLA's).
+FUSED_STEP_AUTO = True
+FUSED_STEP_MAX_ROWS = 16
 
 
 class MixerState(NamedTuple):
@@ -147,14 +157,19 @@ class MambaMixer2(nnx.Module):
         bias = None if lin.bias is None else lin.bias[...]
         return gemv(x.astype(w.dtype), w, bias, **op_kwargs(impl))
 
-    def _project(self, u, mup_vector, impl=None):
-        """``u [.., d]`` -> z ``[.., tp, i_l]``, xBC ``[.., tp, conv_dim_local]``, dt ``[.., tp, h_l]``
-        (``impl``: a decode step's, see ``_linear``)."""
-        local = self.plan.local
+    def _in_proj(self, u, mup_vector, impl=None):
+        """``in_proj(u) [* mup_vector]`` (``impl``: a decode step's, see ``_linear``)."""
         zxbcdt = self._linear(self.in_proj, u, impl, auto_kernel=True)
         if mup_vector is not None:
             mup = jnp.asarray(mup_vector)
             zxbcdt = zxbcdt * (mup if self.plan.tp == 1 else jnp.take(mup, self.plan.in_proj_rows))
+        return zxbcdt
+
+    def _project(self, u, mup_vector, impl=None):
+        """``u [.., d]`` -> z ``[.., tp, i_l]``, xBC ``[.., tp, conv_dim_local]``, dt ``[.., tp, h_l]``
+        (``impl``: a decode step's, see ``_linear``)."""
+        local = self.plan.local
+        zxbcdt = self._in_proj(u, mup_vector, impl)
         zxbcdt = zxbcdt.reshape(*zxbcdt.shape[:-1], local.tp, local.in_proj_local)
         il, cl = local.intermediate, local.conv_dim_local
         return zxbcdt[..., :il], zxbcdt[..., il:il + cl], zxbcdt[..., il + cl:]
@@ -289,10 +304,46 @@ class MambaMixer2(nnx.Module):
         ssm = out["ssm"].reshape(nseq, c.num_heads, c.head_dim, c.state_size)
         return result, MixerState(conv.astype(xbc.dtype), ssm.astype(c.ssm_state_dtype))
 
+    def _fused_step(self, impl: str, rows: int) -> bool:
+        """Whether ``step`` runs the fused kernel (kernels/mixer_step, then the gated norm as
+        one kernels/rms_norm launch): without a mesh, when the shape fits it, for impl
+        "pallas" / "interpret", or "auto" on a GPU (FUSED_STEP_AUTO) for at most
+        FUSED_STEP_MAX_ROWS rows."""
+        c = self.config
+        if self.plan.mesh is not None or mixer_step_unsupported(
+                heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
+                state_size=c.state_size, conv_kernel=c.conv_kernel):
+            return False
+        return impl in ("pallas", "interpret") or (
+            impl == "auto" and FUSED_STEP_AUTO and rows <= FUSED_STEP_MAX_ROWS
+            and jax.default_backend() == "gpu")
+
     def step(self, u, state: MixerState, *, mup_vector=None, impl: str = "auto"):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""
         c, plan, local = self.config, self.plan, self.plan.local
         b, tp = u.shape[0], plan.tp
+        if self._fused_step(impl, b):
+            w = self.in_proj.kernel[...]
+            if mup_vector is None and self.in_proj.bias is None and decode_takes_kernel(
+                    impl, b, mesh=None, auto=w.dtype == jnp.bfloat16):  # (as _linear's)
+                # the GEMV's split-K partials, summed by mixer_step (one launch fewer)
+                zxbcdt = gemv(u.astype(w.dtype), w, partials=True, **op_kwargs(impl))
+            else:
+                zxbcdt = self._in_proj(u, mup_vector, impl)
+            D = self.D[...]
+            y, conv, ssm = mixer_step(  # (A as A_log: the kernel takes -exp, not an XLA launch)
+                zxbcdt, state.conv, self.conv1d.weight[...].reshape(c.conv_dim, -1),
+                None if self.conv1d.bias is None else self.conv1d.bias[...], state.ssm,
+                self.A_log[...], D.reshape(c.num_heads, c.head_dim) if c.d_has_hdim else D,
+                self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
+                state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
+                zx_dtype=w.dtype, **op_kwargs(impl))
+            norm = self.norm
+            y = (rms_norm(y, norm.weight[...], eps=norm.eps, groups=norm.n_groups,
+                          norm_dtype=w.dtype, **op_kwargs(impl)) if norm.use_rms_norm
+                 else norm.normalize(y, w.dtype))  # (the norm in one launch)
+            out = self._linear(self.out_proj, y, impl, auto_kernel=False)
+            return out, MixerState(conv, ssm)
         z, xbc, dt = self._project(u, mup_vector, impl)
         args = dict(xbc=xbc, dt=dt, **self._conv_params(lambda a: a),
                     **self._head_params((tp, local.heads)),

@@ -27,6 +27,7 @@ from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.gemv import gemv
 from mamba2_jax.kernels.gemv.api import decode_takes_kernel
+from mamba2_jax.kernels.rms_norm import rms_norm
 from mamba2_jax.nn.mixer import MambaMixer2, MixerState, init_mixer_state
 from mamba2_jax.nn.norm import RMSNorm
 from mamba2_jax.sharding.params import logical_init, place_params
@@ -167,8 +168,28 @@ class Mamba2ForCausalLM(nnx.Module):
         Pallas GEMV (up to 16 rows, without a mesh); ``"auto"`` on a GPU only a bf16 in_proj
         (H200: XLA was faster for out_proj and the LM head; see ``MambaMixer2._linear``)."""
         h = self._embed(token_ids)
+        layers = self.backbone.layers
+        if layers and layers[0].mixer._fused_step(impl, h.shape[0]):
+            return self._fused_decode_step(h, state, impl)
         new_state = []
-        for layer, s in zip(self.backbone.layers, state):
+        for layer, s in zip(layers, state):
             h, s = layer.step(h, s, impl=impl)
             new_state.append(s)
         return self._logits(h, head_impl=impl), tuple(new_state)
+
+    def _fused_decode_step(self, h, state, impl):
+        """``decode_step`` with the fused mixer step (``MambaMixer2._fused_step``): each
+        block's residual add runs in the same launch as the next block's norm
+        (kernels/rms_norm); the math is ``Mamba2Block.step``'s, block after block."""
+        new_state, delta = [], None
+        for layer, s in zip(self.backbone.layers, state):
+            norm = layer.norm
+            kw = dict(eps=norm.eps, in_dtype=norm.weight[...].dtype, **op_kwargs(impl))
+            if delta is None:
+                x = rms_norm(h, norm.weight[...], **kw)
+                h = layer._residual(h)
+            else:  # h + delta (the previous block's output), then this block's norm
+                x, h = rms_norm(h, norm.weight[...], delta=delta, **kw)
+            delta, s = layer.mixer.step(x, s, impl=impl)
+            new_state.append(s)
+        return self._logits(h + delta, head_impl=impl), tuple(new_state)

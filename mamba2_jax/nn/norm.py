@@ -51,9 +51,14 @@ class GatedGroupRMSNorm(nnx.Module):
                        if use_rms_norm else None)
 
     def __call__(self, x, gate):
-        y = x.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
+        return self.normalize(x.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32)),
+                              x.dtype)
+
+    def normalize(self, y, dtype):
+        """The norm after the gate: ``y = x * silu(gate)`` (float32) -> normalised, cast to
+        ``dtype`` (x's), times the weight (the fused decode step gates in its kernel)."""
         if not self.use_rms_norm:
-            return y.astype(x.dtype)
+            return y.astype(dtype)
         grouped = y.reshape(*y.shape[:-1], self.n_groups, y.shape[-1] // self.n_groups)
         y = _rms_normalize(grouped, self.eps).reshape(y.shape)
-        return self.weight[...] * y.astype(x.dtype)
+        return self.weight[...] * y.astype(dtype)

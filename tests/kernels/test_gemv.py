@@ -268,3 +268,48 @@ def test_gpu_out_in_lm_head_size(m):
     x, w, _ = inputs(m, m, K, N, BF16, bias=False)
     out = gemv(x, jnp.asarray(w.T), w_layout="out_in", impl="pallas")
     assert rel(out, numpy_gemv(x, w, None)) < 8e-3
+
+
+# -- the Mosaic GPU kernel (kernel="mgpu": Mosaic GPU interpret mode on the CPU) --------------
+
+@pytest.mark.parametrize("m,K,N,layout,kw", [
+    (1, 256, 200, "in_out", {}),  # ragged N: the last column block moved back
+    (3, 256, 192, "in_out", dict(splits=2, stages=2)),
+    (9, 256, 128, "in_out", dict(block_k=128)),  # 16 padded rows
+    (2, 128, 264, "out_in", dict(block_n=128)),
+    (1, 128, 136, "out_in", {})])
+def test_mgpu_kernel_matches_numpy(m, K, N, layout, kw):
+    pytest.importorskip("absl")  # jax.experimental.pallas.mosaic_gpu imports it
+    x, w, b = inputs(30 + m, m, K, N, BF16)
+    if layout == "out_in":
+        w = w.T.copy()
+    out = gemv(x, w, b, w_layout=layout, impl="pallas", interpret=not ON_GPU, kernel="mgpu",
+               out_dtype=F32, **kw)
+    want = numpy_gemv(x, w.T if layout == "out_in" else w, b)
+    assert out.dtype == F32 and out.shape == (m, N)
+    assert rel(out, want) < 1e-5  # float32 output: only the bf16 inputs' products are rounded
+
+
+def test_mgpu_kernel_scope_and_lowering():
+    pytest.importorskip("absl")
+    x, w, _ = inputs(40, 1, 96, 128, BF16)
+    with pytest.raises(ValueError, match="kernel='mgpu' cannot take this call: K=96"):
+        gemv(x, w, impl="pallas", interpret=True, kernel="mgpu")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        gemv(x, w, impl="pallas", interpret=True, kernel="cuda")
+    S = jax.ShapeDtypeStruct
+    text = jax.jit(api.gemv_mgpu).trace(S((1, 2560), BF16), S((2560, 10576), BF16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,K,N,layout", [(1, 2560, 10576, "in_out"), (4, 5120, 2560, "in_out"),
+                                          (1, 2560, 50280, "out_in")])
+def test_gpu_mgpu_kernel_real_sizes(m, K, N, layout):
+    x, w, _ = inputs(50 + m, m, K, N, BF16, bias=False)
+    if layout == "out_in":
+        w = w.T.copy()
+    out = gemv(x, w, w_layout=layout, impl="pallas", kernel="mgpu", out_dtype=F32)
+    assert rel(out, numpy_gemv(x, w.T if layout == "out_in" else w, None)) < 1e-5

@@ -25,10 +25,11 @@ def inputs(seed, b, h, p, g, n, slots, pool_dtype=jnp.float32, x_dtype=jnp.float
                 z=f(b, h, p).astype(x_dtype), dt_bias=f(h), idx=jnp.asarray(idx))
 
 
-def both(v, **kw):
+def both(v, kernel="triton", **kw):
     args = (v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"])
     common = dict(dt_bias=v["dt_bias"], dt_softplus=True, state_batch_indices=v["idx"], **kw)
-    ours = selective_state_update(*args, impl="pallas", interpret=not ON_GPU, **common)
+    ours = selective_state_update(*args, impl="pallas", interpret=not ON_GPU, kernel=kernel,
+                                  **common)
     ref = selective_state_update(*args, impl="xla", **common)
     return ours, ref
 

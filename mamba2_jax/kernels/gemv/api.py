@@ -8,8 +8,11 @@ float dtype (bfloat16, float16 or float32); products accumulate in float32; the 
 This matches ``nnx.Linear`` (``dot_general`` in the param dtype, float32 accumulation on GPU)
 within one rounding of the output.
 
-Backends: ``impl="pallas"`` is the split-K Triton kernel (``pallas_gemv.py``), made for small
-m, where XLA's GEMV does not reach the memory bandwidth; ``impl="xla"`` is ``reference.py``.
+Backends: ``impl="pallas"`` is a Pallas kernel, made for small m, where XLA's GEMV does not
+reach the memory bandwidth: ``kernel="triton"`` the split-K Triton kernel (``pallas_gemv.py``),
+``kernel="mgpu"`` the Mosaic GPU one (``mgpu_gemv.py``: TMA ring + wgmma, Hopper, bf16 / f16;
+a call outside its scope is an error), ``kernel="auto"`` the Triton kernel (see
+``AUTO_KERNEL``); ``impl="xla"`` is ``reference.py``.
 ``impl="auto"`` takes the kernel on a GPU when ``m <= MAX_AUTO_ROWS`` (16), XLA otherwise.
 ``block_n`` / ``block_k`` / ``splits`` (and ``method``, ``num_warps``, ``num_stages``)
 override the kernel's launch parameters (for sweeps); they are ignored by XLA.
@@ -24,10 +27,13 @@ import jax.numpy as jnp
 
 from mamba2_jax.kernels.common import resolve_impl
 from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, SM_COUNT,
-                                                 check_layout, gemv_pallas)
+                                                 check_layout, gemv_partials, gemv_pallas, plan)
+from mamba2_jax.kernels.gemv.mgpu_gemv import gemv_mgpu, mgpu_gemv_unsupported
 from mamba2_jax.kernels.gemv.reference import gemv_ref
 
 MAX_AUTO_ROWS = 16
+KERNELS = ("auto", "triton", "mgpu")
+AUTO_KERNEL = "triton"
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 log = logging.getLogger("mamba2_jax")
 
@@ -57,11 +63,19 @@ def decode_takes_kernel(impl, rows: int, *, mesh=None, auto: bool = False) -> bo
 
 def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str = "auto",
          interpret: bool = False, block_n=None, block_k=None, splits=None, method=None,
-         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
+         num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES, kernel: str = "auto",
+         stages=None, partials: bool = False):
     """``x @ w (+ bias)`` with float32 accumulation, in ``out_dtype`` (None: x.dtype; float32
     keeps the accumulator's precision, e.g. for logits); see the module docstring.
-    ``w_layout="out_in"``: w is [N, K] and the product is ``x @ w.T``."""
+    ``w_layout="out_in"``: w is [N, K] and the product is ``x @ w.T``. ``kernel``: which
+    Pallas kernel ``impl="pallas"`` runs (``stages``: the Mosaic GPU kernel's ring depth;
+    ``method`` / ``num_warps`` / ``num_stages``: the Triton kernel's). ``partials``: return
+    float32 partial products ``[S, m, N]`` whose sum over axis 0 is the product (the Triton
+    kernel's split-K slabs, unsummed, for a consumer that sums them itself; S = 1 from the
+    other backends); x must be [m, K], no bias, no out_dtype."""
     op = "gemv"
+    if kernel not in KERNELS:
+        raise ValueError(f"{op}: kernel must be one of {KERNELS}, got {kernel!r}")
     for name, a in (("x", x), ("w", w)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise ValueError(f"{op}: {name} must be an array, got {type(a).__name__}")
@@ -96,6 +110,8 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
         raise ValueError(f"{op}: method='dot' (the default) needs block_n and block_k >= 16; "
                          f"method='fma' takes smaller blocks")
 
+    if partials and (x.ndim != 2 or bias is not None or out_dtype is not None):
+        raise ValueError(f"{op}: partials=True takes x [m, K] without bias or out_dtype")
     lead = x.shape[:-1]
     m = 1
     for d in lead:
@@ -108,7 +124,28 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
                     tuple(x.shape), tuple(w.shape))
         backend = "xla"
     if backend == "xla":
+        if partials:
+            return gemv_ref(x, w, w_layout=w_layout, out_dtype=jnp.float32)[None]
         return gemv_ref(x, w, bias, w_layout=w_layout, out_dtype=out_dtype)
+    if partials and (AUTO_KERNEL if kernel == "auto" else kernel) == "triton":
+        p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
+                 sm_count=_sm_count())
+        return gemv_partials(x, w, p=p, w_layout=w_layout, num_warps=num_warps,
+                             num_stages=num_stages, interpret=interpret)
+    if partials:
+        return gemv(x, w, w_layout=w_layout, out_dtype=jnp.float32, impl=impl,
+                    interpret=interpret, block_n=block_n, block_k=block_k, splits=splits,
+                    kernel=kernel, stages=stages)[None]
+    if (AUTO_KERNEL if kernel == "auto" else kernel) == "mgpu":
+        why = mgpu_gemv_unsupported(m, K, N, x.dtype, w_layout=w_layout, block_n=block_n,
+                                    block_k=block_k, splits=splits, interpret=interpret)
+        if why is not None:
+            raise ValueError(f"{op}: kernel='mgpu' cannot take this call: {why}")
+        out = gemv_mgpu(x.reshape(m, K), w, bias, w_layout=w_layout, block_n=block_n,
+                        block_k=block_k, splits=splits, stages=stages, sm_count=_sm_count(),
+                        interpret=interpret,
+                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
+        return out.reshape(*lead, N)
     out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
                       method=method, w_layout=w_layout,
                       out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),

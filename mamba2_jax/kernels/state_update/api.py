@@ -33,13 +33,20 @@ def _check_kernel(kernel) -> None:
         raise ValueError(f"{_OP}: kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+MGPU_AUTO_ROWS = 64
+
+
 def which_kernel(kernel: str, state, x, B, interpret: bool = False) -> str:
     """The Pallas kernel that runs: "mgpu" (``mgpu_ssu.py``) where asked for and it can take
-    the call, else "triton" (``pallas_ssu.py``). "auto" is Triton: the Mosaic GPU kernel was
-    measured faster on an H200 (1-6 % at batch >= 64, benchmarks/BENCHMARKS.md) only as a
-    variant writing a fresh pool; in place it has not run on a GPU yet."""
+    the call, else "triton" (``pallas_ssu.py``). "auto" is "mgpu" from MGPU_AUTO_ROWS rows on,
+    Triton below: in place on an H200 (jax 0.11.2, float32 pool, one run,
+    benchmarks/BENCHMARKS.md) the Mosaic GPU kernel took 94.7 / 351.4 µs against Triton's
+    94.3 / 361.5 at b = 64 / 256 for (h, p, g, n) = (80, 64, 1, 128) and 145.7 / 554.3 against
+    148.3 / 579.1 for (128, 64, 8, 128); at b = 1 5.7 / 8.8 µs against 6.7 / 5.9."""
     _check_kernel(kernel)
-    return kernel_choice("kernel", "triton" if kernel == "auto" else kernel,
+    if kernel == "auto":
+        kernel = "mgpu" if x.shape[0] >= MGPU_AUTO_ROWS else "triton"
+    return kernel_choice("kernel", kernel,
                          lambda: mgpu_ssu_unsupported(state, x, B, interpret=interpret))
 
 
@@ -131,8 +138,8 @@ def selective_state_update(
         mode. The Pallas kernel updates the pool in place when the caller donates it
         (``jax.jit(..., donate_argnums=...)``).
       kernel: which Pallas kernel: "triton" (``pallas_ssu.py``), "mgpu" (Mosaic GPU,
-        ``mgpu_ssu.py``; Triton where it cannot take the call) or "auto" (Triton for now:
-        :func:`which_kernel`).
+        ``mgpu_ssu.py``; Triton where it cannot take the call) or "auto" (Mosaic GPU from 64
+        rows on, Triton below: :func:`which_kernel`).
 
     Returns:
       ``(y [b, h, p] in x.dtype, new pool [slots, h, p, n] in state.dtype)``; slots no row

@@ -27,16 +27,14 @@ On the CPU the kernel runs in Mosaic GPU's interpret mode through ``plgpu.kernel
 by the GPU's route (the pool a ``jax.new_ref``), on jax 0.10 copying the pool in first (its
 interpreter runs a multi-program ``pallas_call`` wrong).
 
-Measured on an H200 (jax 0.11.2; ``scripts/bench_decode.py --ssu-sweep ...,mgpu_fresh``,
-benchmarks/results/ssu_sweep_mgpu_NVIDIA_H200.json), only as ``alias=False`` (the same kernel
-writing a fresh pool buffer: the in-place ``pallas_call`` did not lower there, the
-``jax.new_ref`` route came after that session's GPU time), float32 pool, 32 updates
-in one program, two runs: b = 64 / 256 at 84.1 / 90.3 % (run 1: 84.5 / 90.7) of the copy
-bandwidth for (h, p, g, n) = (80, 64, 1, 128) and 87.6 / 92.0 % (87.7 / 92.1) for
-(128, 64, 8, 128), against 83.1 / 86.0 (83.3 / 86.6) and 83.4 / 86.7 % (84.3 / 87.1) for the
-Triton kernel (8 warps) in the same runs; at b = 1 5.4 / 5.5 µs (5.9 / 7.4) against 7.0 / 4.5
-(5.5 / 4.2). Its results were not checked on the GPU yet (the checking tests ran only in
-interpret mode, on jax 0.10.2 and 0.11.2).
+Measured on an H200 (jax 0.11.2), float32 pool, in place (the ``jax.new_ref`` route), in the
+device-time loop of ``scripts/bench_decode.py`` beside the Triton kernel (one run,
+benchmarks/results/ssu_in_place_mgpu_NVIDIA_H200.json): b = 64 / 256 94.7 / 351.4 µs (83.3 /
+89.8 % of the copy bandwidth) against 94.3 / 361.5 for (h, p, g, n) = (80, 64, 1, 128), and
+145.7 / 554.3 µs (86.6 / 91.1 %) against 148.3 / 579.1 for (128, 64, 8, 128); b = 1 5.7 / 8.8
+µs against 6.7 / 5.9. Hence ``kernel="auto"`` takes it from 64 rows on (``api.which_kernel``).
+Its GPU tests (in place at b 1 / 64 / 256, a bf16 pool, the pool's buffer unchanged; the
+fresh-pool variant) passed on that H200.
 """
 
 from __future__ import annotations

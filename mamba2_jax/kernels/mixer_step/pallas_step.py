@@ -1,0 +1,152 @@
+"""Pallas (Triton backend) fused mixer decode step: conv update + state update + gate, one launch.
+
+Grid (b, h, p / bp): program (r, j, q) owns rows q bp : (q + 1) bp of head j of row r (group
+g = j // (h / groups)). From the in_proj output row it convolves those bp x channels and the
+group's n B and n C channels (every program of the group recomputes them) with the
+k-1 conv-state columns (tap by tap, as ``conv1d/pallas_update.py``; silu; rounded to xBC's
+dtype, as the unfused conv's output), then updates its [bp, n] block of the head's state
+(``s' = exp(dt A) s + dt x B^T``, ``y = s' C + D x``, as ``state_update/pallas_ssu.py``) and
+writes ``float32(y in x's dtype) * silu(z)``. The math is ``reference.mixer_step_ref``.
+
+State: the ssm state is aliased input -> output (in place under ``jax.jit`` with it donated);
+the conv state goes to a fresh buffer: the B / C channels are read by every head of a group and
+written by its first head, so writing them in place would race with the other heads' reads (a
+fresh buffer costs the same traffic: every column of a conv-state row is rewritten each step);
+the first program of a group's first head writes them.
+
+Why fused: in a batch-1 decode step every launch costs ~1.5 µs whatever its work (H200
+profile, ``scripts/profile_decode.py``); the unfused XLA path spends ~13 launches a layer between
+the two projections (slices, conv, softplus, the state update, the gate).
+
+Measured (H200, jax 0.11.2, 2.7B shape): end to end at batch 1 the fused step takes a token
+from 2.506 / 2.703 / 2.824 to 2.306 / 2.448 / 2.547 ms (``scripts/bench_generate.py``, three
+runs, each against the unfused ops in the same run; the later runs also had the norms of
+``kernels/rms_norm`` and the summed partials); at batch 64 it was slower than XLA's fused
+ops (10.63 / 11.26 against 9.20 / 9.25 ms; alone, 131-146 µs against XLA's 102 µs a step:
+``scripts/bench_decode.py --mixer-step``), so the model takes it up to 16 rows only.
+
+Scope (``api.mixer_step_unsupported``): p and n powers of two, a dense batch. Dtype policy:
+float32 arithmetic; the ssm state keeps its dtype; the conv state takes ``conv_state.dtype``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from mamba2_jax.kernels.common import static_index
+from mamba2_jax.kernels.state_update.pallas_ssu import _softplus
+
+NUM_WARPS = 4
+MIN_PROGRAMS = 1024  # see default_block_p
+
+
+def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref, y_ref,
+                 conv_out_ref, ssm_out_ref, *, p, bp, n, groups, heads_per_group, k, limit,
+                 d_per_channel, a_is_log, splits, zx_dtype):
+    r, j, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g = j // heads_per_group
+    h = pl.num_programs(1)
+    i = h * p
+    xbc_dtype = zx_dtype
+
+    def zx(start, size=None):
+        """in_proj output columns start : start + size (a scalar when size is None) in
+        float32: read, or with ``splits`` the sum of the GEMV's float32 partials rounded to
+        ``zx_dtype`` (the product the GEMV would have returned)."""
+        cols = start if size is None else pl.ds(start, size)
+        if splits is None:
+            return zx_ref[r, cols].astype(jnp.float32)
+        acc = zx_ref[0, r, cols]
+        for q in range(1, splits):
+            acc = acc + zx_ref[q, r, cols]
+        return acc.astype(zx_dtype).astype(jnp.float32)
+    c0 = pl.multiple_of(j * p + pb * bp, bp)  # this program's x channels (and z, y columns)
+    ps = pl.ds(pl.multiple_of(pb * bp, bp), bp)
+
+    def conv(c0, size, store):
+        """silu(conv) of xBC channels c0 : c0 + size (float32 of the xBC-dtype value); the
+        shifted window goes to the new conv state when ``store``."""
+        cs = pl.ds(c0, size)
+        taps = [conv_ref.at[r, cs, static_index(w)][...].astype(jnp.float32)
+                for w in range(k - 1)]
+        taps.append(zx(i + c0, size))
+        acc = cb_ref.at[cs][...].astype(jnp.float32)
+        for w in range(k):
+            acc = acc + w_ref.at[cs, static_index(w)][...].astype(jnp.float32) * taps[w]
+        acc = acc * jax.nn.sigmoid(acc)
+
+        @pl.when(store)
+        def _():
+            for w in range(k - 1):
+                conv_out_ref.at[r, cs, static_index(w)][...] = taps[w + 1].astype(
+                    conv_out_ref.dtype)
+
+        return acc.astype(xbc_dtype).astype(jnp.float32)
+
+    first_of_group = (j % heads_per_group == 0) & (pb == 0)  # writes the group's B / C state
+    x = conv(c0, bp, True)  # [bp]
+    Bv = conv(i + g * n, n, first_of_group)  # [n]
+    Cv = conv(i + (groups + g) * n, n, first_of_group)  # [n]
+
+    dt = zx(i + i + 2 * groups * n + j) + dtb_ref[j]
+    dt = _softplus(dt)
+    if limit is not None:
+        dt = jnp.minimum(jnp.maximum(dt, limit[0]), limit[1])
+    A = -jnp.exp(A_ref[j]) if a_is_log else A_ref[j]
+    s = ssm_ref[r, j, ps, :].astype(jnp.float32)  # [bp, n]
+    s = s * jnp.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+    y = jnp.sum(s * Cv[None, :], axis=1) + x * (D_ref[j, ps] if d_per_channel else D_ref[j])
+    zv = zx(c0, bp)
+    y = y.astype(xbc_dtype).astype(jnp.float32)
+    y_ref[r, j, ps] = y * zv * jax.nn.sigmoid(zv)
+    ssm_out_ref[r, j, ps, :] = s.astype(ssm_out_ref.dtype)
+
+
+def default_block_p(b: int, h: int, p: int) -> int:
+    """Rows of a head per program: the whole head once b h programs fill the GPU (MIN_PROGRAMS),
+    else a quarter of it (at least 16), so a batch-1 step still has several programs an SM."""
+    return p if b * h >= MIN_PROGRAMS else max(16, p // 4)
+
+
+@functools.partial(jax.jit, static_argnames=("heads", "head_dim", "groups", "state_size",
+                                             "limit", "a_is_log", "zx_dtype", "block_p",
+                                             "num_warps", "interpret"))
+def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
+                      heads: int, head_dim: int, groups: int, state_size: int, limit=None,
+                      a_is_log: bool = False, zx_dtype=None, block_p=None,
+                      num_warps: int = NUM_WARPS, interpret: bool = False):
+    """``(gated y [b, h p] float32, new conv state, new ssm state)`` (``mixer_step_ref``'s
+    contract; ``limit`` (lo, hi) or None for no clip; ``a_is_log``: A holds A_log and the
+    kernel takes A = -exp(A_log), saving the step an XLA launch; ``block_p`` None:
+    ``default_block_p``). ``zxbcdt`` [S, b, N] float32 (the in_proj GEMV's split-K partials,
+    summed here and rounded to ``zx_dtype``: the XLA sum's launch saved) or [b, N].
+    Inputs are the caller's to check."""
+    splits = zxbcdt.shape[0] if zxbcdt.ndim == 3 else None
+    zx_dtype = jnp.dtype(zxbcdt.dtype if zx_dtype is None else zx_dtype)
+    b = zxbcdt.shape[-2]
+    c, k = conv_weight.shape
+    h, p, n = heads, head_dim, state_size
+    bp = min(p, default_block_p(b, h, p) if block_p is None else block_p)
+    kernel = functools.partial(_step_kernel, p=p, bp=bp, n=n, groups=groups,
+                               heads_per_group=h // groups, k=k, limit=limit,
+                               d_per_channel=D.ndim == 2, a_is_log=a_is_log, splits=splits,
+                               zx_dtype=zx_dtype)
+    if conv_bias is None:
+        conv_bias = jnp.zeros((c,), jnp.float32)
+    y, conv, ssm = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((b, h, p), jnp.float32),
+                   jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+                   jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)),
+        grid=(b, h, p // bp),
+        input_output_aliases={4: 2},
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="mixer_step",
+    )(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A.astype(jnp.float32),
+      D.astype(jnp.float32), dt_bias.astype(jnp.float32))
+    return y.reshape(b, h * p), conv, ssm
