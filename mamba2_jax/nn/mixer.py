@@ -326,10 +326,13 @@ class MambaMixer2(nnx.Module):
             w = self.in_proj.kernel[...]
             if mup_vector is None and self.in_proj.bias is None and decode_takes_kernel(
                     impl, b, mesh=None, auto=w.dtype == jnp.bfloat16):  # (as _linear's)
-                # the GEMV's split-K partials, summed by mixer_step (one launch fewer)
-                zxbcdt = gemv(u.astype(w.dtype), w, partials=True, **op_kwargs(impl))
-            else:
+                # the GEMV's split-K partials, summed by mixer_step (one launch fewer) and
+                # rounded to the product's dtype, w's (the GEMV's input is cast to it)
+                zxbcdt, dtype = gemv(u.astype(w.dtype), w, partials=True,
+                                     **op_kwargs(impl)), w.dtype
+            else:  # (a float32 mup_vector promotes the product: that dtype throughout)
                 zxbcdt = self._in_proj(u, mup_vector, impl)
+                dtype = zxbcdt.dtype
             D = self.D[...]
             y, conv, ssm = mixer_step(  # (A as A_log: the kernel takes -exp, not an XLA launch)
                 zxbcdt, state.conv, self.conv1d.weight[...].reshape(c.conv_dim, -1),
@@ -337,11 +340,11 @@ class MambaMixer2(nnx.Module):
                 self.A_log[...], D.reshape(c.num_heads, c.head_dim) if c.d_has_hdim else D,
                 self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
                 state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
-                zx_dtype=w.dtype, **op_kwargs(impl))
+                zx_dtype=dtype, **op_kwargs(impl))
             norm = self.norm
             y = (rms_norm(y, norm.weight[...], eps=norm.eps, groups=norm.n_groups,
-                          norm_dtype=w.dtype, **op_kwargs(impl)) if norm.use_rms_norm
-                 else norm.normalize(y, w.dtype))  # (the norm in one launch)
+                          norm_dtype=dtype, **op_kwargs(impl)) if norm.use_rms_norm
+                 else norm.normalize(y, dtype))  # (the norm in one launch)
             out = self._linear(self.out_proj, y, impl, auto_kernel=False)
             return out, MixerState(conv, ssm)
         z, xbc, dt = self._project(u, mup_vector, impl)

@@ -297,6 +297,8 @@ def test_mgpu_kernel_scope_and_lowering():
         gemv(x, w, impl="pallas", interpret=True, kernel="mgpu")
     with pytest.raises(ValueError, match="kernel must be one of"):
         gemv(x, w, impl="pallas", interpret=True, kernel="cuda")
+    with pytest.raises(ValueError, match="stages must be a positive integer"):
+        gemv(x, w, impl="pallas", interpret=True, kernel="mgpu", stages=0)
     S = jax.ShapeDtypeStruct
     text = jax.jit(api.gemv_mgpu).trace(S((1, 2560), BF16), S((2560, 10576), BF16)).lower(
         lowering_platforms=("cuda",)).as_text()

@@ -107,6 +107,10 @@ def test_bad_input_and_scope():
     assert mixer_step_unsupported(heads=2, head_dim=24, groups=1, state_size=16, conv_kernel=4)
     assert mixer_step_unsupported(heads=2, head_dim=16, groups=1, state_size=16,
                                   conv_kernel=4) is None
+    with pytest.raises(ValueError, match="zx_dtype .* is for partials"):
+        mixer_step(*v.values(), **shape, zx_dtype=jnp.float32, impl="xla")  # zxbcdt is bf16
+    with pytest.raises(ValueError, match="zxbcdt must be"):
+        mixer_step(*{**v, "zxbcdt": v["zxbcdt"][None, None]}.values(), **shape, impl="xla")
     with pytest.raises(ValueError, match="block_p must be"):
         mixer_step(*v.values(), **shape, block_p=32, impl="pallas", interpret=True)
     with pytest.raises(NotImplementedError):  # a shape the kernel does not take: no silent XLA
@@ -153,6 +157,28 @@ def test_model_decode_step_runs_the_fused_kernel(dtype, tol, extra):
     assert jaxpr.count("name=rms_norm_pallas") == 2 * cfg.num_hidden_layers
     assert "mixer_step" not in str(jax.make_jaxpr(
         lambda t, s: model.decode_step(t, s, impl="xla"))(ids[:, 6], state))
+
+
+def test_mixer_step_with_a_float32_mup_vector_keeps_the_promoted_dtype():
+    """A float32 mup_vector promotes a bf16 mixer's in_proj output to float32: the fused step
+    then runs in float32 as the separate ops do (no rounding to the weights' bf16)."""
+    from flax import nnx
+
+    from mamba2_jax.config import Mamba2Config
+    from mamba2_jax.nn.mixer import MambaMixer2, init_mixer_state
+
+    cfg = Mamba2Config(hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=16,
+                       n_groups=2, state_size=16, vocab_size=64, chunk_size=8, expand=2)
+    mixer = MambaMixer2(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(13)
+    mup = jnp.asarray(rng.uniform(0.5, 2.0, cfg.in_proj_size), jnp.float32)
+    u = jnp.asarray(rng.standard_normal((2, 32)), jnp.bfloat16)
+    state = init_mixer_state(cfg, 2, jnp.bfloat16)
+    state = state._replace(ssm=jnp.asarray(rng.standard_normal(state.ssm.shape), jnp.float32))
+    got, got_state = mixer.step(u, state, mup_vector=mup, impl="interpret")
+    want, want_state = mixer.step(u, state, mup_vector=mup, impl="xla")
+    assert got.dtype == want.dtype and rel(got, want) < 2e-2  # (bf16 GEMV roundings)
+    assert rel(got_state.ssm, want_state.ssm) < 2e-2
 
 
 def test_when_the_model_takes_the_fused_step(monkeypatch):

@@ -45,8 +45,9 @@ def _sm_count() -> int:
 
 def _check_block(name, v):
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1
-                          or (name != "splits" and v & (v - 1))):
-        what = "a positive integer" if name == "splits" else "a positive power of two"
+                          or (name not in ("splits", "stages") and v & (v - 1))):
+        what = ("a positive integer" if name in ("splits", "stages")
+                else "a positive power of two")
         raise ValueError(f"gemv: {name} must be {what} or None, got {v!r}")
 
 
@@ -99,7 +100,8 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             raise ValueError(f"{op}: bias must be a floating-point array, got {bias.dtype}")
-    for name, v in (("block_n", block_n), ("block_k", block_k), ("splits", splits)):
+    for name, v in (("block_n", block_n), ("block_k", block_k), ("splits", splits),
+                    ("stages", stages)):
         _check_block(name, v)
     if out_dtype is not None and jnp.dtype(out_dtype) not in DTYPES:
         raise ValueError(f"{op}: out_dtype must be bfloat16, float16, float32 or None, got "

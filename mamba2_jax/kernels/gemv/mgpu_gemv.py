@@ -17,7 +17,8 @@ ahead. The accumulator goes to ``partials[s, n0 : n0 + bn]`` ([S, N, mp] float32
 slabs, drops the padding rows and transposes (a small fusion that XLA can merge with the
 consumer).
 
-Scope (``mgpu_gemv_unsupported``): a Hopper GPU (or interpret mode), bf16 / f16, m <= 16, K a
+Scope (``mgpu_gemv_unsupported``; on the GPU only m <= 8, i.e. 8 padded rows, and the default
+blocks have run so far): a Hopper GPU (or interpret mode), bf16 / f16, m <= 16, K a
 multiple of bk, N >= bn and a multiple of 8 (TMA row strides of 16-byte multiples), the x slab
 within ``X_SLAB_BYTES`` of shared memory (S grows until it fits).
 Dtype policy: x and w in one 16-bit float dtype; products and sums in float32 on the tensor

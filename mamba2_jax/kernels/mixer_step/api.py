@@ -46,9 +46,15 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
     op = "mixer_step"
     h, p, g, n = heads, head_dim, groups, state_size
     i, c = h * p, h * p + 2 * g * n
+    if zxbcdt.ndim not in (2, 3):
+        raise ValueError(f"{op}: zxbcdt must be [b, N] (or partials [S, b, N]), got "
+                         f"{tuple(zxbcdt.shape)}")
     if zxbcdt.ndim == 3 and (zxbcdt.dtype != jnp.float32 or zx_dtype is None):
         raise ValueError(f"{op}: partials zxbcdt [S, b, N] must be float32 and come with "
                          f"zx_dtype, got {zxbcdt.dtype} and zx_dtype={zx_dtype}")
+    if zxbcdt.ndim == 2 and zx_dtype is not None and jnp.dtype(zx_dtype) != zxbcdt.dtype:
+        raise ValueError(f"{op}: zx_dtype ({jnp.dtype(zx_dtype).name}) is for partials; a [b, N] "
+                         f"zxbcdt is taken in its own dtype {zxbcdt.dtype}")
     b = zxbcdt.shape[-2]
     k = conv_weight.shape[-1]
     want = dict(zxbcdt=zxbcdt.shape[:-2] + (b, i + c + h), conv_state=(b, c, k - 1), conv_weight=(c, k),
@@ -62,7 +68,7 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
         raise ValueError(f"{op}: conv_bias must be ({c},) or None, got {tuple(conv_bias.shape)}")
     if tuple(D.shape) not in ((h,), (h, p)):
         raise ValueError(f"{op}: D must be ({h},) or ({h}, {p}), got {tuple(D.shape)}")
-    for name, a in got.items():
+    for name, a in dict(got, D=D).items():
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"{op}: {name} must be floating point, got {a.dtype}")
     lo, hi = check_dt_limit(op, dt_limit)

@@ -10,7 +10,8 @@ side, c = i + 2 g n, i = h p) of a dense batch (row r owns state row r):
 
 ``out [b, i]`` float32 is what the mixer's gated group norm normalises next: the unfused path
 (``causal_conv1d_update_ref`` then ``selective_state_update_ref`` then the norm's gate) step for
-step, so the fused kernel can be checked against it exactly.
+step, with every rounding to the activations' dtype where that path has one, so the kernel agrees
+with it to float32 rounding (its sums run in another order).
 """
 
 from __future__ import annotations
