@@ -47,6 +47,11 @@ def op_kwargs(impl: str) -> dict:
     return dict(impl=impl)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): Triton block shapes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()

@@ -37,7 +37,6 @@ from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from mamba2_jax.kernels.gemv import gemv
 from mamba2_jax.kernels.gemv.api import decode_takes_kernel
 from mamba2_jax.kernels.mixer_step import mixer_step, mixer_step_unsupported
-from mamba2_jax.kernels.rms_norm import rms_norm
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
 from mamba2_jax.nn.norm import GatedGroupRMSNorm
@@ -144,7 +143,7 @@ class MambaMixer2(nnx.Module):
 
     # -- pieces shared by prefill and decode -------------------------------------------------
 
-    def _linear(self, lin, x, impl, *, auto_kernel):
+    def _linear(self, lin, x, impl, *, auto_kernel, partials=False):
         """``lin(x)``; in a decode step (``impl`` given, at most gemv's MAX_AUTO_ROWS rows, no
         mesh) through the Pallas GEMV when ``impl`` asks for the kernels, or when it is "auto" on
         a GPU, ``auto_kernel`` and the weights bf16: where the kernel was measured faster than
@@ -154,6 +153,8 @@ class MambaMixer2(nnx.Module):
         if not decode_takes_kernel(impl, math.prod(x.shape[:-1]), mesh=self.plan.mesh,
                                    auto=auto_kernel and w.dtype == jnp.bfloat16):
             return lin(x)
+        if partials and lin.bias is None:  # unsummed split-K partials [S, m, N] float32
+            return gemv(x.astype(w.dtype), w, partials=True, **op_kwargs(impl))
         bias = None if lin.bias is None else lin.bias[...]
         return gemv(x.astype(w.dtype), w, bias, **op_kwargs(impl))
 
@@ -323,13 +324,10 @@ class MambaMixer2(nnx.Module):
         c, plan, local = self.config, self.plan, self.plan.local
         b, tp = u.shape[0], plan.tp
         if self._fused_step(impl, b):
-            w = self.in_proj.kernel[...]
-            if mup_vector is None and self.in_proj.bias is None and decode_takes_kernel(
-                    impl, b, mesh=None, auto=w.dtype == jnp.bfloat16):  # (as _linear's)
-                # the GEMV's split-K partials, summed by mixer_step (one launch fewer) and
-                # rounded to the product's dtype, w's (the GEMV's input is cast to it)
-                zxbcdt, dtype = gemv(u.astype(w.dtype), w, partials=True,
-                                     **op_kwargs(impl)), w.dtype
+            if mup_vector is None:  # the product, or the GEMV's split-K partials (summed by
+                # mixer_step: one launch fewer) of a product in w's dtype
+                zxbcdt = self._linear(self.in_proj, u, impl, auto_kernel=True, partials=True)
+                dtype = self.in_proj.kernel[...].dtype
             else:  # (a float32 mup_vector promotes the product: that dtype throughout)
                 zxbcdt = self._in_proj(u, mup_vector, impl)
                 dtype = zxbcdt.dtype
@@ -341,11 +339,8 @@ class MambaMixer2(nnx.Module):
                 self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
                 state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
                 zx_dtype=dtype, **op_kwargs(impl))
-            norm = self.norm
-            y = (rms_norm(y, norm.weight[...], eps=norm.eps, groups=norm.n_groups,
-                          norm_dtype=dtype, **op_kwargs(impl)) if norm.use_rms_norm
-                 else norm.normalize(y, dtype))  # (the norm in one launch)
-            out = self._linear(self.out_proj, y, impl, auto_kernel=False)
+            out = self._linear(self.out_proj, self.norm.normalize(y, dtype, impl=impl), impl,
+                               auto_kernel=False)
             return out, MixerState(conv, ssm)
         z, xbc, dt = self._project(u, mup_vector, impl)
         args = dict(xbc=xbc, dt=dt, **self._conv_params(lambda a: a),

@@ -11,11 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba2_jax.kernels.common import op_kwargs
+from mamba2_jax.kernels.rms_norm import rms_norm, rms_norm_ref
 from mamba2_jax.sharding.params import logical_param
-
-
-def _rms_normalize(x, eps):
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 class RMSNorm(nnx.Module):
@@ -27,8 +25,7 @@ class RMSNorm(nnx.Module):
         self.weight = logical_param(jnp.ones((dim,), param_dtype), (axis_name,))
 
     def __call__(self, x):
-        y = _rms_normalize(x.astype(jnp.float32), self.eps)
-        return self.weight[...] * y.astype(x.dtype)
+        return rms_norm_ref(x, self.weight[...], eps=self.eps)
 
 
 class GatedGroupRMSNorm(nnx.Module):
@@ -54,11 +51,14 @@ class GatedGroupRMSNorm(nnx.Module):
         return self.normalize(x.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32)),
                               x.dtype)
 
-    def normalize(self, y, dtype):
+    def normalize(self, y, dtype, *, impl=None):
         """The norm after the gate: ``y = x * silu(gate)`` (float32) -> normalised, cast to
-        ``dtype`` (x's), times the weight (the fused decode step gates in its kernel)."""
+        ``dtype`` (x's), times the weight (the fused decode step gates in its kernel).
+        ``impl`` (a decode step's ``[b, i]``): through ``kernels.rms_norm``'s dispatch, one
+        launch on a GPU; None: the reference."""
         if not self.use_rms_norm:
             return y.astype(dtype)
-        grouped = y.reshape(*y.shape[:-1], self.n_groups, y.shape[-1] // self.n_groups)
-        y = _rms_normalize(grouped, self.eps).reshape(y.shape)
-        return self.weight[...] * y.astype(dtype)
+        kw = dict(eps=self.eps, groups=self.n_groups, norm_dtype=dtype)
+        if impl is None:
+            return rms_norm_ref(y, self.weight[...], **kw)
+        return rms_norm(y, self.weight[...], **kw, **op_kwargs(impl))

@@ -125,32 +125,27 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
         log.warning("%s: empty input (x %s, w %s): using the XLA reference", op,
                     tuple(x.shape), tuple(w.shape))
         backend = "xla"
+    chosen = AUTO_KERNEL if kernel == "auto" else kernel
+    out_dtype = jnp.float32 if partials else (None if out_dtype is None else jnp.dtype(out_dtype))
     if backend == "xla":
-        if partials:
-            return gemv_ref(x, w, w_layout=w_layout, out_dtype=jnp.float32)[None]
-        return gemv_ref(x, w, bias, w_layout=w_layout, out_dtype=out_dtype)
-    if partials and (AUTO_KERNEL if kernel == "auto" else kernel) == "triton":
+        out = gemv_ref(x, w, bias, w_layout=w_layout, out_dtype=out_dtype)
+        return out[None] if partials else out
+    if partials and chosen == "triton":
         p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method=method,
                  sm_count=_sm_count())
         return gemv_partials(x, w, p=p, w_layout=w_layout, num_warps=num_warps,
                              num_stages=num_stages, interpret=interpret)
-    if partials:
-        return gemv(x, w, w_layout=w_layout, out_dtype=jnp.float32, impl=impl,
-                    interpret=interpret, block_n=block_n, block_k=block_k, splits=splits,
-                    kernel=kernel, stages=stages)[None]
-    if (AUTO_KERNEL if kernel == "auto" else kernel) == "mgpu":
+    if chosen == "mgpu":
         why = mgpu_gemv_unsupported(m, K, N, x.dtype, w_layout=w_layout, block_n=block_n,
                                     block_k=block_k, splits=splits, interpret=interpret)
         if why is not None:
             raise ValueError(f"{op}: kernel='mgpu' cannot take this call: {why}")
         out = gemv_mgpu(x.reshape(m, K), w, bias, w_layout=w_layout, block_n=block_n,
                         block_k=block_k, splits=splits, stages=stages, sm_count=_sm_count(),
-                        interpret=interpret,
-                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
-        return out.reshape(*lead, N)
+                        interpret=interpret, out_dtype=out_dtype)
+        return out[None] if partials else out.reshape(*lead, N)
     out = gemv_pallas(x.reshape(m, K), w, bias, block_n=block_n, block_k=block_k, splits=splits,
-                      method=method, w_layout=w_layout,
-                      out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
+                      method=method, w_layout=w_layout, out_dtype=out_dtype,
                       num_warps=num_warps, num_stages=num_stages, sm_count=_sm_count(),
                       interpret=interpret)
     return out.reshape(*lead, N)

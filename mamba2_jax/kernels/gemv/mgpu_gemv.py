@@ -41,16 +41,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mamba2_jax.kernels.common import cdiv
 from mamba2_jax.kernels.ssd.mgpu_output import _device_reason, _plgpu, interpret_params, tiled_smem
 
 BLOCK_N, BLOCK_K, STAGES = 64, 64, 4
 X_SLAB_BYTES = 64 * 1024
 MAX_ROWS = 16
 DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def padded_rows(m: int) -> int:
@@ -66,7 +63,7 @@ def mgpu_plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None
     bk = BLOCK_K if block_k is None else block_k
     mp = padded_rows(m)
     n_tiles = K // bk
-    nb = _cdiv(N, bn)
+    nb = cdiv(N, bn)
     fits = [s for s in range(1, n_tiles + 1)
             if n_tiles % s == 0 and mp * (K // s) * 2 <= X_SLAB_BYTES]
     if splits is None:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from mamba2_jax.kernels.common import check_pow2, next_pow2
+from mamba2_jax.kernels.common import cdiv, check_pow2, next_pow2
 
 SM_COUNT = 132  # H100 SXM; the API passes the device's count when it runs on a GPU
 PROGRAMS_PER_SM = 4
@@ -64,10 +64,6 @@ NUM_STAGES = 3
 METHODS = ("fma", "dot")
 DEFAULT_METHOD = "dot"  # at every m (see the module docstring)
 W_LAYOUTS = ("in_out", "out_in")  # w [K, N] (Flax kernels), or [N, K] (e.g. a tied embedding)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def check_layout(w_layout: str) -> bool:
@@ -94,8 +90,8 @@ def default_config(m: int, K: int, N: int, *, method: str | None = None,
         bn, bk = 128, 64
     bn = max(16, min(bn, next_pow2(N)))
     bk = max(16 if method == "dot" else 1, min(bk, next_pow2(K)))
-    nb, n_tiles = _cdiv(N, bn), _cdiv(K, bk)
-    want = min(n_tiles, max(1, _cdiv(programs_per_sm * sm_count, nb)))
+    nb, n_tiles = cdiv(N, bn), cdiv(K, bk)
+    want = min(n_tiles, max(1, cdiv(programs_per_sm * sm_count, nb)))
     exact = [s for s in range(want, min(2 * want, n_tiles) + 1) if n_tiles % s == 0]
     return bn, bk, (exact[0] if exact else want)
 
@@ -118,15 +114,15 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
         if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
             raise ValueError(f"gemv: splits must be a positive integer, got {splits!r}")
         S = splits
-    n_tiles = _cdiv(K, bk)
+    n_tiles = cdiv(K, bk)
     if S is None:  # block sizes given, splits not: the default rule for these blocks
-        nb = _cdiv(N, bn)
-        S = min(n_tiles, max(1, _cdiv(PROGRAMS_PER_SM * sm_count, nb)))
-    n_k = _cdiv(n_tiles, min(S, n_tiles))
-    S = _cdiv(n_tiles, n_k)  # no empty slab
+        nb = cdiv(N, bn)
+        S = min(n_tiles, max(1, cdiv(PROGRAMS_PER_SM * sm_count, nb)))
+    n_k = cdiv(n_tiles, min(S, n_tiles))
+    S = cdiv(n_tiles, n_k)  # no empty slab
     mp = padded_rows(m, method)
     return dict(method=method, mp=mp, bn=bn, bk=bk, ks=n_k * bk, n_k=n_k, S=S,
-                grid=(_cdiv(N, bn), S))
+                grid=(cdiv(N, bn), S))
 
 
 def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,

@@ -22,7 +22,7 @@ Measured (H200, jax 0.11.2, 2.7B shape): end to end at batch 1 the fused step ta
 from 2.506 / 2.703 / 2.824 to 2.306 / 2.448 / 2.547 ms (``scripts/bench_generate.py``, three
 runs, each against the unfused ops in the same run; the later runs also had the norms of
 ``kernels/rms_norm`` and the summed partials); at batch 64 it was slower than XLA's fused
-ops (10.63 / 11.26 against 9.20 / 9.25 ms; alone, 131-146 µs against XLA's 102 µs a step:
+ops (10.63 / 11.26 against 9.20 / 9.25 ms; alone, 131-147 µs against XLA's 102 µs a step:
 ``scripts/bench_decode.py --mixer-step``), so the model takes it up to 16 rows only.
 
 Scope (``api.mixer_step_unsupported``): p and n powers of two, a dense batch. Dtype policy:

@@ -18,14 +18,15 @@ import jax.numpy as jnp
 
 def rms_norm_ref(x, weight, *, eps: float, groups: int = 1, delta=None, in_dtype=None,
                  norm_dtype=None):
-    """See the module docstring. x [m, D] (D divisible by groups), weight [D], delta [m, D]."""
+    """See the module docstring. x [.., D] (D divisible by groups), weight [D], delta like x
+    (the modules of ``nn/norm.py`` are this function)."""
     s = x
     if delta is not None:
         dtype = jnp.promote_types(x.dtype, delta.dtype)
         s = (x.astype(jnp.float32) + delta.astype(jnp.float32)).astype(dtype)
     in_dtype = s.dtype if in_dtype is None else jnp.dtype(in_dtype)
     r = s.astype(in_dtype).astype(jnp.float32)
-    g = r.reshape(*r.shape[:-1], groups, r.shape[-1] // groups)
+    g = r if groups == 1 else r.reshape(*r.shape[:-1], groups, r.shape[-1] // groups)
     y = (g * jax.lax.rsqrt(jnp.mean(jnp.square(g), axis=-1, keepdims=True) + eps)).reshape(r.shape)
     out = weight * y.astype(in_dtype if norm_dtype is None else norm_dtype)
     return out if delta is None else (out, s)
