@@ -7,6 +7,8 @@ Each variant runs in its own process (XLA flags are read at start-up):
 
 * ``unfused``: ``impl="auto"`` with the conv update, state update and gate as separate ops
   (``mixer.FUSED_STEP_AUTO = False``) instead of the fused ``kernels/mixer_step`` kernel.
+* ``unfolded``: ``impl="auto"`` with the fused step but the norms as their own launches
+  (``mixer.FOLD_NORMS_AUTO = False``) instead of folded into the projections.
 * ``ours/<flags>``: ``decode_step`` jitted functionally with the state donated (ms / step), and
   ``mamba2_jax.generate`` (compiled prefill + ``lax.while_loop`` decode): per-token time from two
   generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel; with
@@ -208,7 +210,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["pallas", "xla_ops", "hf"],
                     help="default / command_buffers_off (impl auto: in_proj through the GEMV "
-                         "kernel at b <= 16), unfused (auto without the fused step), pallas (impl pallas: every op's kernel, in_proj, "
+                         "kernel at b <= 16), unfused (auto without the fused step), unfolded (auto, the norms not folded), pallas (impl pallas: every op's kernel, in_proj, "
                          "out_proj and the LM head through the GEMV), xla_ops (impl xla), hf, "
                          "breakdown*")
     ap.add_argument("--name", default="generate_2.7b", help="result file prefix")
@@ -225,9 +227,11 @@ def main():
         else:
             impl = ("xla" if args.worker.startswith("xla_ops") else
                     "pallas" if args.worker == "pallas" else "auto")
-            if args.worker == "unfused":  # impl auto with the decode step's ops unfused
+            if args.worker in ("unfused", "unfolded"):  # impl auto, parts of the step unfused
                 import mamba2_jax.nn.mixer as mixer
-                mixer.FUSED_STEP_AUTO = False
+                if args.worker == "unfused":
+                    mixer.FUSED_STEP_AUTO = False
+                mixer.FOLD_NORMS_AUTO = False
             result = worker_ours(args.batch, 16, 80, impl)
         print("RESULT " + json.dumps(result), flush=True)
         return

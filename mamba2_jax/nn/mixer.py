@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
-from mamba2_jax.kernels.gemv import gemv
-from mamba2_jax.kernels.gemv.api import decode_takes_kernel
+from mamba2_jax.kernels.gemv import gemv, normed_gemv
+from mamba2_jax.kernels.gemv.api import MAX_AUTO_ROWS, decode_takes_kernel
 from mamba2_jax.kernels.mixer_step import mixer_step, mixer_step_unsupported
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
 from mamba2_jax.kernels.state_update import selective_state_update
@@ -51,6 +51,12 @@ from mamba2_jax.sharding.plan import MixerPlan
 # 9.20 / 9.25, so larger batches keep the separate ops (XLA's).
 FUSED_STEP_AUTO = True
 FUSED_STEP_MAX_ROWS = 16
+# ... and with it, the block norm and the gated norm folded into the projections after them
+# (``MambaMixer2.folded_step``: four launches a layer, seven before); False: the norms as their
+# own launches (a benchmark knob, measured in scripts/bench_generate.py's ``unfolded`` variant).
+# H200, 2.7B, b = 1, bench_generate.py default vs unfolded in one run: 2.561 against 2.560 ms a
+# token (327 launches a step against 455), so "auto" keeps the norms' own launches.
+FOLD_NORMS_AUTO = False
 
 
 class MixerState(NamedTuple):
@@ -319,6 +325,48 @@ class MambaMixer2(nnx.Module):
             impl == "auto" and FUSED_STEP_AUTO and rows <= FUSED_STEP_MAX_ROWS
             and jax.default_backend() == "gpu")
 
+    def _mixer_step(self, zxbcdt, state, dtype, impl, *, sum_squares=False):
+        """kernels/mixer_step on the in_proj output (or its partials; ``dtype`` the product's):
+        (gated y, conv, ssm[, the gated norm's sums of squares]). A goes in as A_log: the
+        kernel takes -exp, not an XLA launch."""
+        c, D = self.config, self.D[...]
+        return mixer_step(
+            zxbcdt, state.conv, self.conv1d.weight[...].reshape(c.conv_dim, -1),
+            None if self.conv1d.bias is None else self.conv1d.bias[...], state.ssm,
+            self.A_log[...], D.reshape(c.num_heads, c.head_dim) if c.d_has_hdim else D,
+            self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
+            state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
+            zx_dtype=dtype, sum_squares=sum_squares, **op_kwargs(impl))
+
+    def folds_norms(self, impl: str, rows: int) -> bool:
+        """Whether ``folded_step`` can run: the fused step (``_fused_step``) at most gemv's
+        MAX_AUTO_ROWS rows, projections without bias, the gated norm on over one group
+        (``normed_gemv``'s kernel scope), and under "auto" bf16 weights and FOLD_NORMS_AUTO."""
+        if (not self._fused_step(impl, rows) or rows > MAX_AUTO_ROWS or self.norm.n_groups != 1
+                or self.in_proj.bias is not None or self.out_proj.bias is not None
+                or not self.norm.use_rms_norm):
+            return False
+        return impl != "auto" or (FOLD_NORMS_AUTO
+                                  and self.in_proj.kernel[...].dtype == jnp.bfloat16)
+
+    def folded_step(self, h, ss, norm, state: MixerState, *, res_in_dtype, impl: str):
+        """A block's decode step with both norms folded into the projections: ``h [b, d]``
+        the residual stream, ``ss [b, slots]`` the sums of squares of ``h.astype(norm dtype)``
+        (its block norm ``norm``'s statistics) -> ``(h + mixer(norm(h)), ss of that sum as
+        res_in_dtype (the next norm's input dtype), new state)``. Four launches: in_proj
+        normalising its input tiles (``gemv.normed_gemv``), ``kernels/mixer_step`` (which
+        also sums the gated y's squares), out_proj normalising its tiles, and the sum of its
+        split-K partials with the residual add and the new stream's squares. The math is
+        ``Mamba2Block.step``'s (``normed_gemv_ref``)."""
+        w_in, w_out, nw = self.in_proj.kernel[...], self.out_proj.kernel[...], norm.weight[...]
+        zxbcdt = normed_gemv(h, ss, nw, w_in, eps=norm.eps, in_dtype=nw.dtype, partials=True,
+                             **op_kwargs(impl))
+        y, conv, ssm, gss = self._mixer_step(zxbcdt, state, w_in.dtype, impl, sum_squares=True)
+        h, ss = normed_gemv(y, gss, self.norm.weight[...], w_out, h, eps=self.norm.eps,
+                            in_dtype=jnp.float32, norm_dtype=w_in.dtype,
+                            res_in_dtype=res_in_dtype, **op_kwargs(impl))
+        return h, ss, MixerState(conv, ssm)
+
     def step(self, u, state: MixerState, *, mup_vector=None, impl: str = "auto"):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""
         c, plan, local = self.config, self.plan, self.plan.local
@@ -331,14 +379,7 @@ class MambaMixer2(nnx.Module):
             else:  # (a float32 mup_vector promotes the product: that dtype throughout)
                 zxbcdt = self._in_proj(u, mup_vector, impl)
                 dtype = zxbcdt.dtype
-            D = self.D[...]
-            y, conv, ssm = mixer_step(  # (A as A_log: the kernel takes -exp, not an XLA launch)
-                zxbcdt, state.conv, self.conv1d.weight[...].reshape(c.conv_dim, -1),
-                None if self.conv1d.bias is None else self.conv1d.bias[...], state.ssm,
-                self.A_log[...], D.reshape(c.num_heads, c.head_dim) if c.d_has_hdim else D,
-                self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
-                state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
-                zx_dtype=dtype, **op_kwargs(impl))
+            y, conv, ssm = self._mixer_step(zxbcdt, state, dtype, impl)
             out = self._linear(self.out_proj, self.norm.normalize(y, dtype, impl=impl), impl,
                                auto_kernel=False)
             return out, MixerState(conv, ssm)

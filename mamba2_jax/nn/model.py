@@ -169,11 +169,29 @@ class Mamba2ForCausalLM(nnx.Module):
         (H200: XLA was faster for out_proj and the LM head; see ``MambaMixer2._linear``)."""
         h = self._embed(token_ids)
         layers = self.backbone.layers
+        if layers and all(layer.mixer.folds_norms(impl, h.shape[0]) for layer in layers):
+            return self._folded_decode_step(h, state, impl)
         if layers and layers[0].mixer._fused_step(impl, h.shape[0]):
             return self._fused_decode_step(h, state, impl)
         new_state = []
         for layer, s in zip(layers, state):
             h, s = layer.step(h, s, impl=impl)
+            new_state.append(s)
+        return self._logits(h, head_impl=impl), tuple(new_state)
+
+    def _folded_decode_step(self, h, state, impl):
+        """``decode_step`` with every norm folded into the projection after it
+        (``MambaMixer2.folded_step``: four launches a layer); the first block's norm
+        statistics are one XLA reduction, the last block's sum goes to ``_logits``."""
+        layers = self.backbone.layers
+        h = layers[0]._residual(h)
+        r = h.astype(layers[0].norm.weight[...].dtype).astype(jnp.float32)
+        ss = jnp.sum(r * r, axis=-1, keepdims=True)
+        norms = [layer.norm for layer in layers[1:]] + [self.backbone.norm_f]
+        new_state = []
+        for layer, s, nxt in zip(layers, state, norms):
+            h, ss, s = layer.mixer.folded_step(h, ss, layer.norm, s, impl=impl,
+                                               res_in_dtype=nxt.weight[...].dtype)
             new_state.append(s)
         return self._logits(h, head_impl=impl), tuple(new_state)
 

@@ -129,18 +129,21 @@ def test_kernel_lowers_for_cuda_with_the_ssm_state_aliased():
 
 
 @pytest.mark.parametrize("dtype,tol,extra", [
-    (jnp.float32, 1e-5, dict(residual_in_fp32=True)),
-    (jnp.float32, 1e-5, dict(residual_in_fp32=False, d_has_hdim=True)),
-    (jnp.bfloat16, 2e-2, {})])  # bf16: the GEMV kernels' roundings differ from XLA's
+    (jnp.float32, 1e-5, dict(residual_in_fp32=True, n_groups=1)),
+    (jnp.float32, 1e-5, dict(residual_in_fp32=False, d_has_hdim=True, n_groups=1)),
+    (jnp.float32, 1e-5, dict(use_bias=True)),  # projection biases: the norms not folded
+    (jnp.float32, 1e-5, {}),  # two gated norm groups: not folded (normed_gemv's scope)
+    (jnp.bfloat16, 2e-2, dict(n_groups=1)),  # bf16: the GEMV kernels' roundings differ
+    (jnp.bfloat16, 2e-2, dict(use_bias=True, residual_in_fp32=False))])
 def test_model_decode_step_runs_the_fused_kernel(dtype, tol, extra):
     from flax import nnx
 
     from mamba2_jax.config import Mamba2Config
     from mamba2_jax.nn.model import Mamba2ForCausalLM
 
-    cfg = Mamba2Config(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=2,
-                       state_size=16, vocab_size=64, chunk_size=8, expand=2, use_conv_bias=True,
-                       **extra)
+    cfg = Mamba2Config(**{**dict(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                                 n_groups=2, state_size=16, vocab_size=64, chunk_size=8,
+                                 expand=2, use_conv_bias=True), **extra})
     model = Mamba2ForCausalLM(cfg, param_dtype=dtype, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(8).integers(0, 64, (2, 7)))
     _, state = model.prefill(ids[:, :6])
@@ -152,9 +155,16 @@ def test_model_decode_step_runs_the_fused_kernel(dtype, tol, extra):
         assert rel(c1, c2) < tol and rel(s1, s2) < tol
     jaxpr = str(jax.make_jaxpr(lambda t, s: model.decode_step(t, s, impl="interpret"))(
         ids[:, 6], state))
-    assert jaxpr.count("name=mixer_step_pallas") == cfg.num_hidden_layers  # one call a layer
-    # the norms: a block norm (+ the residual add) and a gated norm a layer, one launch each
-    assert jaxpr.count("name=rms_norm_pallas") == 2 * cfg.num_hidden_layers
+    L = cfg.num_hidden_layers
+    assert jaxpr.count("name=mixer_step_pallas") == L  # one call a layer
+    if cfg.use_bias or cfg.n_groups > 1:  # a block norm (+ the residual add) and a gated norm
+        # a layer, one launch each
+        assert jaxpr.count("name=rms_norm_pallas") == 2 * L
+        assert "normed_gemv" not in jaxpr
+    else:  # both folded: in_proj and out_proj normalise their inputs, then the residual sum
+        assert "rms_norm" not in jaxpr
+        assert jaxpr.count("name=normed_gemv\n") == 2 * L  # in_proj and out_proj
+        assert jaxpr.count("name=residual_sum\n") == L
     assert "mixer_step" not in str(jax.make_jaxpr(
         lambda t, s: model.decode_step(t, s, impl="xla"))(ids[:, 6], state))
 
@@ -222,8 +232,9 @@ def test_gpu_real_sizes_in_place(b):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.gpu
 def test_gpu_model_decode_step_fused_matches_the_separate_ops(monkeypatch):
-    """impl="auto" on a GPU at b = 1 (the fused step, the norm kernels, the GEMV partials)
-    against the same model with FUSED_STEP_AUTO off (the separate ops), 2.7B mixer widths."""
+    """impl="auto" on a GPU at b = 1 (the fused step, the norm kernels, the GEMV partials; and
+    with FOLD_NORMS_AUTO the norms folded into the projections) against the same model with
+    FUSED_STEP_AUTO off (the separate ops), 2.7B mixer widths."""
     from flax import nnx
 
     import mamba2_jax.nn.mixer as mixer_module
@@ -236,9 +247,12 @@ def test_gpu_model_decode_step_fused_matches_the_separate_ops(monkeypatch):
     ids = jnp.asarray(np.random.default_rng(12).integers(0, 1024, (1, 9)))
     _, state = model.prefill(ids[:, :8])
     step = lambda: jax.jit(lambda t, s: model.decode_step(t, s))(ids[:, 8], state)
-    got, got_state = step()
+    got = [step()]
+    monkeypatch.setattr(mixer_module, "FOLD_NORMS_AUTO", True)  # the norms in the projections
+    got.append(step())
     monkeypatch.setattr(mixer_module, "FUSED_STEP_AUTO", False)
     want, want_state = step()
-    assert rel(got, want) < 2e-2  # bf16: the in_proj sum's and norms' roundings may differ
-    for (c1, s1), (c2, s2) in zip(got_state, want_state):
-        assert rel(c1, c2) < 1e-2 and rel(s1, s2) < 2e-2
+    for logits, new_state in got:
+        assert rel(logits, want) < 2e-2  # bf16: the in_proj sum's and norms' roundings differ
+        for (c1, s1), (c2, s2) in zip(new_state, want_state):
+            assert rel(c1, c2) < 1e-2 and rel(s1, s2) < 2e-2

@@ -125,8 +125,14 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
                 grid=(cdiv(N, bn), S))
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
-                 precision, out_in):
+def _gemv_kernel(*refs, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k, precision, out_in,
+                 norm=None):
+    """One program's slab; ``norm`` (a static dict, see ``normed_gemv_call``) adds the RMS-norm
+    prologue."""
+    if norm:
+        x_ref, w_ref, ss_ref, wn_ref, o_ref = refs
+    else:
+        (x_ref, w_ref, o_ref), ss_ref, wn_ref = refs, None, None
     j, s = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(j * bn, bn)
     ragged_n = N % bn != 0
@@ -142,6 +148,12 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, r
                 n_part[:, None], tile_shape)
         return jnp.broadcast_to(k_part[:, None], tile_shape), jnp.broadcast_to(
             n_part[None, :], tile_shape)
+
+    if norm:  # 1 / RMS of each row [mp, 1] from its ss slots (rows past m read as zeros)
+        sl = jnp.arange(norm["spg_block"], dtype=jnp.int32)
+        ss = plt.load(ss_ref.at[pl.ds(0, mp), pl.ds(0, norm["spg_block"])],
+                      mask=(rows < m)[:, None] & (sl < norm["spg"])[None, :], other=0)
+        rstd = jax.lax.rsqrt(jnp.sum(ss, axis=1, keepdims=True) / K + norm["eps"])
 
     def tile(t, acc):
         k0 = pl.multiple_of(s * ks + t * bk, bk)
@@ -165,6 +177,12 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, r
             xmask = rm if xmask is None else xmask & rm
         xt = x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)]
         x = xt[...] if xmask is None else plt.load(xt, mask=xmask, other=0)
+        if norm:  # x is the raw input: normalise this tile (rms_norm_ref's roundings)
+            r = x.astype(norm["in_dtype"]).astype(jnp.float32)
+            y = (r * rstd).astype(norm["norm_dtype"]).astype(jnp.float32)
+            wn = wn_ref.at[pl.ds(k0, bk)]
+            wn = (wn[...] if not ragged_k else plt.load(wn, mask=kk < K, other=0))
+            x = (wn.astype(jnp.float32)[None, :] * y).astype(norm["out_dtype"]).astype(w.dtype)
         if method == "fma":
             xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
             if out_in:  # acc [mp, bn, bk]
@@ -210,6 +228,75 @@ def gemv_partials(x, w, *, p, w_layout="in_out", num_warps=NUM_WARPS, num_stages
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="gemv_splitk",
     )(x, w)
+
+
+def normed_gemv_call(x, ss, norm_weight, w, *, p, eps, in_dtype, norm_dtype, out_dtype,
+                     num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
+    """``gemv_partials`` of the RMS-normalised x: float32 partials [S, m, N].
+
+    x [m, K] is the norm's raw input (one norm group: the whole row) and ss [m, slots] float32
+    its sums of squares (each slot a partial sum of ``x.astype(in_dtype)^2`` written by the
+    producer of x); every program sums the slots (1 / RMS before its loop) and normalises each
+    tile of x as ``rms_norm_ref`` does (rounded to ``norm_dtype``, times ``norm_weight`` [K],
+    rounded to ``out_dtype``, the norm's output dtype), then casts it to w's dtype for the
+    product. (Per-group statistics inside the loop, for a grouped gated norm, gave NaN on an
+    H200 at m = 1 with 8 groups, correct at m = 4 and 16 and in interpret mode: not kept.)"""
+    m, K = x.shape
+    N = w.shape[1]
+    norm = dict(spg=ss.shape[1], spg_block=next_pow2(ss.shape[1]), eps=eps,
+                in_dtype=jnp.dtype(in_dtype), norm_dtype=jnp.dtype(norm_dtype),
+                out_dtype=jnp.dtype(out_dtype))
+    precision = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
+        n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision,
+        out_in=False, norm=norm)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32), grid=p["grid"],
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="normed_gemv",
+    )(x, w, ss, norm_weight)
+
+
+RESIDUAL_BLOCK = 64  # columns a program of residual_sum
+
+
+def _residual_sum_kernel(part_ref, res_ref, h_ref, ss_ref, *, S, m, mp, N, bn, out_dtype,
+                         in_dtype):
+    j = pl.program_id(0)
+    cols = j * bn + jnp.arange(bn, dtype=jnp.int32)
+    rows = jnp.arange(mp, dtype=jnp.int32)
+    mask = (rows < m)[:, None] & (cols < N)[None, :]
+    cs = pl.ds(pl.multiple_of(j * bn, bn), bn)
+    tile = lambda ref: ref.at[pl.ds(0, mp), cs]
+    part = lambda s, a: a + plt.load(part_ref.at[s, pl.ds(0, mp), cs], mask=mask, other=0)
+    acc = jax.lax.fori_loop(0, S, part, jnp.zeros((mp, bn), jnp.float32))
+    res = plt.load(tile(res_ref), mask=mask, other=0).astype(jnp.float32)
+    h = (res + acc.astype(out_dtype).astype(jnp.float32)).astype(h_ref.dtype)
+    plt.store(tile(h_ref), h, mask=mask)
+    r = jnp.where(mask, h.astype(in_dtype).astype(jnp.float32), 0.0)
+    plt.store(ss_ref.at[pl.ds(0, mp), pl.ds(j, 1)], jnp.sum(r * r, axis=1, keepdims=True),
+              mask=(rows < m)[:, None])
+
+
+def residual_sum(partials, residual, *, out_dtype, in_dtype, block_n=RESIDUAL_BLOCK,
+                 num_warps=NUM_WARPS, interpret=False):
+    """``h = residual + sum(partials, 0).astype(out_dtype)`` (float32 sums, h in
+    promote(residual, out_dtype)) and ss [m, cdiv(N, block_n)] float32, the sums of squares of
+    ``h.astype(in_dtype)`` over each column block (the next norm's statistics): one launch,
+    grid over column blocks. partials [S, m, N] float32, residual [m, N]."""
+    S, m, N = partials.shape
+    kernel = functools.partial(_residual_sum_kernel, S=S, m=m, mp=next_pow2(m), N=N,
+                               bn=block_n, out_dtype=jnp.dtype(out_dtype),
+                               in_dtype=jnp.dtype(in_dtype))
+    nb = cdiv(N, block_n)
+    return pl.pallas_call(
+        kernel, grid=(nb,),
+        out_shape=(jax.ShapeDtypeStruct((m, N), jnp.promote_types(residual.dtype, out_dtype)),
+                   jax.ShapeDtypeStruct((m, nb), jnp.float32)),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="residual_sum",
+    )(partials, residual)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",

@@ -35,11 +35,15 @@ def mixer_step_unsupported(*, heads: int, head_dim: int, groups: int, state_size
 def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
                heads: int, head_dim: int, groups: int, state_size: int,
                dt_limit=(0.0, float("inf")), a_is_log: bool = False, zx_dtype=None,
-               block_p=None, num_warps=None, impl: str = "auto", interpret: bool = False):
+               block_p=None, num_warps=None, sum_squares: bool = False, impl: str = "auto",
+               interpret: bool = False):
     """See the module docstring. ``a_is_log``: ``A`` holds A_log (A = -exp(A_log), taken in
     the kernel); ``block_p`` / ``num_warps``: the kernel's launch (None: its defaults).
     ``zxbcdt`` may be [S, b, N] float32: the in_proj GEMV's split-K partials
-    (``gemv(..., partials=True)``), summed in the kernel and rounded to ``zx_dtype``. zxbcdt [b, i + c + h] (i = heads * head_dim,
+    (``gemv(..., partials=True)``), summed in the kernel and rounded to ``zx_dtype``.
+    ``sum_squares``: a fourth output, float32 [b, slots] (slots a multiple of heads, head-major),
+    sums of squares of the gated y whose sum over a group's slots is its gated norm's
+    statistic (for ``gemv.normed_gemv``). zxbcdt [b, i + c + h] (i = heads * head_dim,
     c = i + 2 groups state_size), conv_state [b, c, k-1], conv_weight [c, k], conv_bias [c] or
     None, ssm_state [b, heads, head_dim, state_size], A / dt_bias [heads], D [heads] or
     [heads, head_dim]."""
@@ -79,12 +83,14 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
         if a_is_log:
             A = -jnp.exp(A.astype(jnp.float32))
         return mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D,
-                              dt_bias, dt_limit=(lo, hi), zx_dtype=zx_dtype, **shape)
+                              dt_bias, dt_limit=(lo, hi), zx_dtype=zx_dtype,
+                              sum_squares=sum_squares, **shape)
     if block_p is not None and (not _pow2(block_p) or block_p > p):
         raise ValueError(f"{op}: block_p must be a power of two <= head_dim {p}, got {block_p}")
     limit = None if (lo, hi) == (0.0, float("inf")) else (lo, hi)
     launch = dict(block_p=block_p, **({} if num_warps is None else dict(num_warps=num_warps)))
     return mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D,
                              dt_bias, limit=limit, a_is_log=a_is_log, interpret=interpret,
+                             sum_squares=sum_squares,
                              zx_dtype=None if zx_dtype is None else jnp.dtype(zx_dtype).name,
                              **launch, **shape)

@@ -46,8 +46,8 @@ MIN_PROGRAMS = 1024  # see default_block_p
 
 
 def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref, y_ref,
-                 conv_out_ref, ssm_out_ref, *, p, bp, n, groups, heads_per_group, k, limit,
-                 d_per_channel, a_is_log, splits, zx_dtype):
+                 conv_out_ref, ssm_out_ref, *ss_ref, p, bp, n, groups, heads_per_group, k,
+                 limit, d_per_channel, a_is_log, splits, zx_dtype):
     r, j, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = j // heads_per_group
     h = pl.num_programs(1)
@@ -103,8 +103,11 @@ def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref
     y = jnp.sum(s * Cv[None, :], axis=1) + x * (D_ref[j, ps] if d_per_channel else D_ref[j])
     zv = zx(c0, bp)
     y = y.astype(xbc_dtype).astype(jnp.float32)
-    y_ref[r, j, ps] = y * zv * jax.nn.sigmoid(zv)
+    gated = y * zv * jax.nn.sigmoid(zv)
+    y_ref[r, j, ps] = gated
     ssm_out_ref[r, j, ps, :] = s.astype(ssm_out_ref.dtype)
+    if ss_ref:  # this program's slot of the gated norm's sums of squares
+        ss_ref[0][r, j * pl.num_programs(2) + pb] = jnp.sum(gated * gated)
 
 
 def default_block_p(b: int, h: int, p: int) -> int:
@@ -115,17 +118,20 @@ def default_block_p(b: int, h: int, p: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("heads", "head_dim", "groups", "state_size",
                                              "limit", "a_is_log", "zx_dtype", "block_p",
-                                             "num_warps", "interpret"))
+                                             "sum_squares", "num_warps", "interpret"))
 def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
                       heads: int, head_dim: int, groups: int, state_size: int, limit=None,
                       a_is_log: bool = False, zx_dtype=None, block_p=None,
-                      num_warps: int = NUM_WARPS, interpret: bool = False):
+                      sum_squares: bool = False, num_warps: int = NUM_WARPS,
+                      interpret: bool = False):
     """``(gated y [b, h p] float32, new conv state, new ssm state)`` (``mixer_step_ref``'s
     contract; ``limit`` (lo, hi) or None for no clip; ``a_is_log``: A holds A_log and the
     kernel takes A = -exp(A_log), saving the step an XLA launch; ``block_p`` None:
     ``default_block_p``). ``zxbcdt`` [S, b, N] float32 (the in_proj GEMV's split-K partials,
     summed here and rounded to ``zx_dtype``: the XLA sum's launch saved) or [b, N].
-    Inputs are the caller's to check."""
+    ``sum_squares``: a fourth output, [b, h p / bp] float32, each program's sum of its gated
+    y squared (slots head-major: the gated norm's statistics). Inputs are the caller's to
+    check."""
     splits = zxbcdt.shape[0] if zxbcdt.ndim == 3 else None
     zx_dtype = jnp.dtype(zxbcdt.dtype if zx_dtype is None else zx_dtype)
     b = zxbcdt.shape[-2]
@@ -138,15 +144,17 @@ def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, 
                                zx_dtype=zx_dtype)
     if conv_bias is None:
         conv_bias = jnp.zeros((c,), jnp.float32)
-    y, conv, ssm = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, h, p), jnp.float32),
-                   jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
-                   jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype)),
+    out_shape = (jax.ShapeDtypeStruct((b, h, p), jnp.float32),
+                 jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
+                 jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype))
+    if sum_squares:
+        out_shape += (jax.ShapeDtypeStruct((b, h * (p // bp)), jnp.float32),)
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape,
         grid=(b, h, p // bp),
         input_output_aliases={4: 2},
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name="mixer_step",
     )(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A.astype(jnp.float32),
       D.astype(jnp.float32), dt_bias.astype(jnp.float32))
-    return y.reshape(b, h * p), conv, ssm
+    return (outs[0].reshape(b, h * p),) + tuple(outs[1:])

@@ -31,8 +31,10 @@ def split_zxbcdt(zxbcdt, heads: int, head_dim: int, groups: int, state_size: int
 
 def mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
                    heads: int, head_dim: int, groups: int, state_size: int,
-                   dt_limit=(0.0, float("inf")), zx_dtype=None):
+                   dt_limit=(0.0, float("inf")), zx_dtype=None, sum_squares: bool = False):
     """``(gated y [b, h p] float32, new conv state, new ssm state)``; see the module docstring.
+    ``sum_squares``: also the sums of squares of each head's gated y, [b, h] float32 (the gated
+    norm's statistics, for ``gemv.normed_gemv``).
     conv_state [b, c, k-1], conv_weight [c, k], conv_bias [c] or None, ssm_state [b, h, p, n],
     A / dt_bias [h], D [h] or [h, p]. ``zxbcdt`` [S, b, N] float32: split-K partial products
     of in_proj, whose sum rounded to ``zx_dtype`` is the in_proj output."""
@@ -49,4 +51,6 @@ def mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, 
     y, ssm = selective_state_update_ref(ssm_state, x, dt, A, B, C, D=D, dt_bias=dt_bias,
                                         dt_softplus=True, dt_limit=dt_limit)
     out = y.reshape(b, i).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    if sum_squares:
+        return out, conv, ssm, jnp.sum(jnp.square(out).reshape(b, heads, head_dim), axis=-1)
     return out, conv, ssm
