@@ -24,7 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generate import CONFIG, TINY  # noqa: E402
-from profile_ssd import device_kernels, device_span_us, kernel_table  # noqa: E402
+from profile_ssd import device_kernels, device_span_us, kernel_table, print_kernels  # noqa: E402
 
 
 def profile(model, batch: int, impl: str, steps: int, iters: int):
@@ -95,8 +95,7 @@ def main():
             (out / name).write_text(json.dumps(result, indent=2))
             print(f"impl={impl} b={b}: {r['total_us']:.1f} us of kernels a step, span "
                   f"{r['span_us_per_step']:.1f} us, {r['launches_per_step']:.1f} launches")
-            for k in r["kernels"][:25]:
-                print(f"    {k['us']:9.2f} us  {k['name'][:100]}")
+            print_kernels(r, 25)
 
 
 if __name__ == "__main__":

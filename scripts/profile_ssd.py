@@ -41,6 +41,12 @@ def kernel_table(totals_ns: dict, iters: int):
                 kernels=[dict(name=name[:160], us=us) for name, us in rows])
 
 
+def print_kernels(table: dict, top: int, width: int = 100):
+    """The ``top`` longest kernels of a ``kernel_table``, one line each (µs, name)."""
+    for k in table["kernels"][:top]:
+        print(f"    {k['us']:9.2f} us  {k['name'][:width]}")
+
+
 def device_kernels(trace_dir: str) -> tuple[dict, list]:
     """(kernel name -> summed duration (ns), [(start, end) ns of every kernel]) over the GPU
     planes' stream lines of a trace (if no line is named as a stream, every line's events,
@@ -171,8 +177,7 @@ def main():
         for call, table in calls.items():
             print(f"  {call}: {table['total_us']:.1f} us of kernels per call, first kernel start "
                   f"to last kernel end {table.get('span_us', float('nan')):.1f} us")
-            for k in table["kernels"][:12]:
-                print(f"    {k['us']:9.1f} us  {k['name'][:90]}")
+            print_kernels(table, 12)
 
 
 if __name__ == "__main__":
