@@ -7,8 +7,10 @@ Each variant runs in its own process (XLA flags are read at start-up):
 
 * ``unfused``: ``impl="auto"`` with the conv update, state update and gate as separate ops
   (``mixer.FUSED_STEP_AUTO = False``) instead of the fused ``kernels/mixer_step`` kernel.
-* ``unfolded``: ``impl="auto"`` with the fused step but the norms as their own launches
-  (``mixer.FOLD_NORMS_AUTO = False``) instead of folded into the projections.
+* ``unfolded``: ``impl="auto"`` with the norms as their own launches
+  (``mixer.FOLD_NORMS_AUTO = False``) instead of folded into the launches around the
+  projections.
+* ``pdl``: ``impl="auto"`` with XLA's programmatic dependent launch (``--xla_gpu_enable_pdl``).
 * ``ours/<flags>``: ``decode_step`` jitted functionally with the state donated (ms / step), and
   ``mamba2_jax.generate`` (compiled prefill + ``lax.while_loop`` decode): per-token time from two
   generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel; with
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -43,6 +46,7 @@ CONFIG = dict(hidden_size=2560, num_hidden_layers=64, num_heads=80, head_dim=64,
 VARIANTS = {  # (jax 0.11.2's XLA captures Triton custom calls in command buffers by default)
     "default": "",
     "command_buffers_off": "--xla_gpu_enable_command_buffer=",
+    "pdl": "--xla_gpu_enable_pdl=true",  # programmatic dependent launch (Hopper+)
 }
 EXTRA_FLAGS = {  # flags of the other variants (xla_ops, hf, breakdown*)
     "breakdown_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
@@ -93,12 +97,14 @@ def worker_ours(batches, n1, n2, impl):
         gen = {n: _median_time(lambda n=n: generate(model, ids, n, impl=impl),
                                jax.block_until_ready, reps=3) for n in (n1, n2)}
         per_token_ms = (gen[n2] - gen[n1]) / (n2 - n1) * 1e3
+        tokens = np.asarray(generate(model, ids, n2, impl=impl))[:, PROMPT:]
         floor_ms = (weight_bytes + 2 * state_bytes) / bandwidth * 1e3
         rows.append(dict(batch=b, decode_step_ms=step_ms, generate_ms_per_step=per_token_ms,
                          generate_tokens_per_s=b / per_token_ms * 1e3, floor_ms=floor_ms,
                          generate_fraction_of_floor=floor_ms / per_token_ms,
                          weight_bytes=weight_bytes, state_bytes=state_bytes,
-                         read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw))
+                         read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw,
+                         tokens_sha1=hashlib.sha1(tokens.tobytes()).hexdigest()[:12]))
     return dict(jax=jax.__version__, device=jax.devices()[0].device_kind, impl=impl, rows=rows)
 
 
@@ -210,7 +216,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["pallas", "xla_ops", "hf"],
                     help="default / command_buffers_off (impl auto: in_proj through the GEMV "
-                         "kernel at b <= 16), unfused (auto without the fused step), unfolded (auto, the norms not folded), pallas (impl pallas: every op's kernel, in_proj, "
+                         "kernel at b <= 16), unfused (auto without the fused step), unfolded (auto, the norms' own launches), pdl, pallas (impl pallas: every op's kernel, in_proj, "
                          "out_proj and the LM head through the GEMV), xla_ops (impl xla), hf, "
                          "breakdown*")
     ap.add_argument("--name", default="generate_2.7b", help="result file prefix")
@@ -229,18 +235,18 @@ def main():
                     "pallas" if args.worker == "pallas" else "auto")
             if args.worker in ("unfused", "unfolded"):  # impl auto, parts of the step unfused
                 import mamba2_jax.nn.mixer as mixer
-                if args.worker == "unfused":
-                    mixer.FUSED_STEP_AUTO = False
+                mixer.FUSED_STEP_AUTO = args.worker != "unfused"
                 mixer.FOLD_NORMS_AUTO = False
             result = worker_ours(args.batch, 16, 80, impl)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     results = {}
-    for variant in args.variants:
+    for variant in args.variants:  # "name#k": variant name again (a repeat in the same run)
+        base = variant.split("#")[0]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + {**VARIANTS, **EXTRA_FLAGS}.get(variant, "")).strip()
-        cmd = [sys.executable, __file__, "--worker", variant, "--batch", *map(str, args.batch),
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + {**VARIANTS, **EXTRA_FLAGS}.get(base, "")).strip()
+        cmd = [sys.executable, __file__, "--worker", base, "--batch", *map(str, args.batch),
                *(["--tiny"] if args.tiny else [])]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -30,7 +30,7 @@ run ssd_backward_4096 $SSD -k "backward_real_sizes and 4096" &
 run ssd_backward_varlen $SSD -k "backward_real_sizes and 5000" &
 run other_kernels tests/kernels/test_gemv.py tests/kernels/test_state_update_pallas.py \
     tests/kernels/test_state_update_mgpu.py tests/kernels/test_mixer_step.py \
-    tests/kernels/test_rms_norm.py tests/kernels/test_normed_gemv.py \
+    tests/kernels/test_rms_norm.py tests/kernels/test_residual_gemv.py \
     tests/kernels/test_conv1d_prefill_pallas.py \
     tests/kernels/test_conv1d_update_pallas.py tests/sharding/test_mesh_gpu.py &
 wait

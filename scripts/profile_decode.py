@@ -71,7 +71,12 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
+    ap.add_argument("--unfold-norms", action="store_true",
+                    help="clear mixer.FOLD_NORMS_AUTO (the norms' own launches, impl auto)")
     args = ap.parse_args()
+    if args.unfold_norms:
+        import mamba2_jax.nn.mixer as mixer
+        mixer.FOLD_NORMS_AUTO = False
 
     import jax
     import jax.numpy as jnp

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.conv1d import causal_conv1d, causal_conv1d_update
-from mamba2_jax.kernels.gemv import gemv, normed_gemv
+from mamba2_jax.kernels.gemv import gemv, residual_gemv
 from mamba2_jax.kernels.gemv.api import MAX_AUTO_ROWS, decode_takes_kernel
 from mamba2_jax.kernels.mixer_step import mixer_step, mixer_step_unsupported
 from mamba2_jax.kernels.ssd import ssd_chunk_scan
@@ -51,12 +51,13 @@ from mamba2_jax.sharding.plan import MixerPlan
 # 9.20 / 9.25, so larger batches keep the separate ops (XLA's).
 FUSED_STEP_AUTO = True
 FUSED_STEP_MAX_ROWS = 16
-# ... and with it, the block norm and the gated norm folded into the projections after them
-# (``MambaMixer2.folded_step``: four launches a layer, seven before); False: the norms as their
-# own launches (a benchmark knob, measured in scripts/bench_generate.py's ``unfolded`` variant).
-# H200, 2.7B, b = 1, bench_generate.py default vs unfolded in one run: 2.561 against 2.560 ms a
-# token (327 launches a step against 455), so "auto" keeps the norms' own launches.
-FOLD_NORMS_AUTO = False
+# ... and with it, the block norm and the gated norm folded into the launches around the
+# projections (``MambaMixer2.folded_step``: four launches a layer, six before); False: the
+# norms as their own launches (a benchmark knob: scripts/bench_generate.py's ``unfolded``).
+# H200, 2.7B, b = 1, folded against unfolded in the same run (three pairs, separate
+# processes): 2.237 / 2.340 / 2.701 against 2.558 / 2.550 / 2.983 ms a token; under the
+# profiler (8-step loop) the folded step's kernels sum to 2.3 % more (BENCHMARKS.md).
+FOLD_NORMS_AUTO = True
 
 
 class MixerState(NamedTuple):
@@ -325,10 +326,10 @@ class MambaMixer2(nnx.Module):
             impl == "auto" and FUSED_STEP_AUTO and rows <= FUSED_STEP_MAX_ROWS
             and jax.default_backend() == "gpu")
 
-    def _mixer_step(self, zxbcdt, state, dtype, impl, *, sum_squares=False):
+    def _mixer_step(self, zxbcdt, state, dtype, impl, **kwargs):
         """kernels/mixer_step on the in_proj output (or its partials; ``dtype`` the product's):
-        (gated y, conv, ssm[, the gated norm's sums of squares]). A goes in as A_log: the
-        kernel takes -exp, not an XLA launch."""
+        (gated y, conv, ssm[, the gated norm's sums of squares]); ``kwargs`` go to it. A goes
+        in as A_log: the kernel takes -exp, not an XLA launch."""
         c, D = self.config, self.D[...]
         return mixer_step(
             zxbcdt, state.conv, self.conv1d.weight[...].reshape(c.conv_dim, -1),
@@ -336,12 +337,13 @@ class MambaMixer2(nnx.Module):
             self.A_log[...], D.reshape(c.num_heads, c.head_dim) if c.d_has_hdim else D,
             self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
             state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
-            zx_dtype=dtype, sum_squares=sum_squares, **op_kwargs(impl))
+            zx_dtype=dtype, **kwargs, **op_kwargs(impl))
 
     def folds_norms(self, impl: str, rows: int) -> bool:
         """Whether ``folded_step`` can run: the fused step (``_fused_step``) at most gemv's
-        MAX_AUTO_ROWS rows, projections without bias, the gated norm on over one group
-        (``normed_gemv``'s kernel scope), and under "auto" bf16 weights and FOLD_NORMS_AUTO."""
+        MAX_AUTO_ROWS rows, projections without bias, the gated norm an RMS norm over one
+        group (its 1 / RMS a row scale after out_proj), and under "auto" bf16 weights and
+        FOLD_NORMS_AUTO."""
         if (not self._fused_step(impl, rows) or rows > MAX_AUTO_ROWS or self.norm.n_groups != 1
                 or self.in_proj.bias is not None or self.out_proj.bias is not None
                 or not self.norm.use_rms_norm):
@@ -349,23 +351,28 @@ class MambaMixer2(nnx.Module):
         return impl != "auto" or (FOLD_NORMS_AUTO
                                   and self.in_proj.kernel[...].dtype == jnp.bfloat16)
 
-    def folded_step(self, h, ss, norm, state: MixerState, *, res_in_dtype, impl: str):
-        """A block's decode step with both norms folded into the projections: ``h [b, d]``
-        the residual stream, ``ss [b, slots]`` the sums of squares of ``h.astype(norm dtype)``
-        (its block norm ``norm``'s statistics) -> ``(h + mixer(norm(h)), ss of that sum as
-        res_in_dtype (the next norm's input dtype), new state)``. Four launches: in_proj
-        normalising its input tiles (``gemv.normed_gemv``), ``kernels/mixer_step`` (which
-        also sums the gated y's squares), out_proj normalising its tiles, and the sum of its
-        split-K partials with the residual add and the new stream's squares. The math is
-        ``Mamba2Block.step``'s (``normed_gemv_ref``)."""
-        w_in, w_out, nw = self.in_proj.kernel[...], self.out_proj.kernel[...], norm.weight[...]
-        zxbcdt = normed_gemv(h, ss, nw, w_in, eps=norm.eps, in_dtype=nw.dtype, partials=True,
-                             **op_kwargs(impl))
-        y, conv, ssm, gss = self._mixer_step(zxbcdt, state, w_in.dtype, impl, sum_squares=True)
-        h, ss = normed_gemv(y, gss, self.norm.weight[...], w_out, h, eps=self.norm.eps,
-                            in_dtype=jnp.float32, norm_dtype=w_in.dtype,
-                            res_in_dtype=res_in_dtype, **op_kwargs(impl))
-        return h, ss, MixerState(conv, ssm)
+    def folded_step(self, h, delta, delta_ss, norm, state: MixerState, *, impl: str):
+        """A block's decode step with both norms folded into the launches around the
+        projections, each norm's 1 / RMS a row scale applied after the product:
+        ``h [b, d]`` the residual stream before the previous block's output ``delta`` (its
+        out_proj product of the gated norm's input times the norm weight, unscaled) with
+        ``delta_ss`` (that norm's sums of squares; both None in the first block) ->
+        ``(h + previous block's output, this block's delta, delta_ss, new state)``. Three
+        launches and XLA's out_proj: ``gemv.residual_gemv`` (the residual add, the block norm
+        ``norm``'s weight and its sums of squares, in_proj), ``kernels/mixer_step`` (the
+        in_proj scale 1 / RMS, the gated norm's weight and squares) and out_proj. The math is
+        ``Mamba2Block.step``'s up to where the 1 / RMS scales enter (products of the unscaled
+        input, then scaled in float32: the roundings between differ)."""
+        c = self.config
+        w_in, nw = self.in_proj.kernel[...], norm.weight[...]
+        zxbcdt, h, ss = residual_gemv(h, nw, w_in, delta, delta_ss,
+                                      delta_count=c.intermediate_size, delta_eps=self.norm.eps,
+                                      in_dtype=nw.dtype, **op_kwargs(impl))
+        y, conv, ssm, gss = self._mixer_step(
+            zxbcdt, state, w_in.dtype, impl, sum_squares=True, in_ss=ss,
+            in_count=c.hidden_size, in_eps=norm.eps, norm_weight=self.norm.weight[...])
+        delta = self._linear(self.out_proj, y, impl, auto_kernel=False)
+        return h, delta, gss, MixerState(conv, ssm)
 
     def step(self, u, state: MixerState, *, mup_vector=None, impl: str = "auto"):
         """Decode one token per sequence: ``u [b, d]`` -> ``(out [b, d], new state)``."""

@@ -180,19 +180,19 @@ class Mamba2ForCausalLM(nnx.Module):
         return self._logits(h, head_impl=impl), tuple(new_state)
 
     def _folded_decode_step(self, h, state, impl):
-        """``decode_step`` with every norm folded into the projection after it
-        (``MambaMixer2.folded_step``: four launches a layer); the first block's norm
-        statistics are one XLA reduction, the last block's sum goes to ``_logits``."""
+        """``decode_step`` with every norm folded into the launches around the projections
+        (``MambaMixer2.folded_step``); the last block's output is added (its gated norm's
+        1 / RMS applied) by XLA before the final norm."""
         layers = self.backbone.layers
-        h = layers[0]._residual(h)
-        r = h.astype(layers[0].norm.weight[...].dtype).astype(jnp.float32)
-        ss = jnp.sum(r * r, axis=-1, keepdims=True)
-        norms = [layer.norm for layer in layers[1:]] + [self.backbone.norm_f]
-        new_state = []
-        for layer, s, nxt in zip(layers, state, norms):
-            h, ss, s = layer.mixer.folded_step(h, ss, layer.norm, s, impl=impl,
-                                               res_in_dtype=nxt.weight[...].dtype)
+        h, delta, dss, new_state = layers[0]._residual(h), None, None, []
+        for layer, s in zip(layers, state):
+            h, delta, dss, s = layer.mixer.folded_step(h, delta, dss, layer.norm, s, impl=impl)
             new_state.append(s)
+        gated = layers[-1].mixer.norm
+        scale = jax.lax.rsqrt(jnp.sum(dss, axis=-1, keepdims=True)
+                              / self.config.intermediate_size + gated.eps)
+        h = (h.astype(jnp.float32) + scale * delta.astype(jnp.float32)).astype(
+            jnp.promote_types(h.dtype, delta.dtype))
         return self._logits(h, head_impl=impl), tuple(new_state)
 
     def _fused_decode_step(self, h, state, impl):

@@ -132,7 +132,7 @@ def test_kernel_lowers_for_cuda_with_the_ssm_state_aliased():
     (jnp.float32, 1e-5, dict(residual_in_fp32=True, n_groups=1)),
     (jnp.float32, 1e-5, dict(residual_in_fp32=False, d_has_hdim=True, n_groups=1)),
     (jnp.float32, 1e-5, dict(use_bias=True)),  # projection biases: the norms not folded
-    (jnp.float32, 1e-5, {}),  # two gated norm groups: not folded (normed_gemv's scope)
+    (jnp.float32, 1e-5, {}),  # two gated norm groups: not folded (its 1 / RMS not a row scale)
     (jnp.bfloat16, 2e-2, dict(n_groups=1)),  # bf16: the GEMV kernels' roundings differ
     (jnp.bfloat16, 2e-2, dict(use_bias=True, residual_in_fp32=False))])
 def test_model_decode_step_runs_the_fused_kernel(dtype, tol, extra):
@@ -160,11 +160,12 @@ def test_model_decode_step_runs_the_fused_kernel(dtype, tol, extra):
     if cfg.use_bias or cfg.n_groups > 1:  # a block norm (+ the residual add) and a gated norm
         # a layer, one launch each
         assert jaxpr.count("name=rms_norm_pallas") == 2 * L
-        assert "normed_gemv" not in jaxpr
-    else:  # both folded: in_proj and out_proj normalise their inputs, then the residual sum
+        assert "residual_gemv" not in jaxpr
+    else:  # both folded: the residual add + block norm in in_proj's launch, the gated norm's
+        # weight in mixer_step's, both 1 / RMS scales after the products
         assert "rms_norm" not in jaxpr
-        assert jaxpr.count("name=normed_gemv\n") == 2 * L  # in_proj and out_proj
-        assert jaxpr.count("name=residual_sum\n") == L
+        assert jaxpr.count("name=residual_gemv\n") == L
+        assert jaxpr.count("name=gemv_splitk\n") == L  # out_proj
     assert "mixer_step" not in str(jax.make_jaxpr(
         lambda t, s: model.decode_step(t, s, impl="xla"))(ids[:, 6], state))
 
@@ -232,8 +233,8 @@ def test_gpu_real_sizes_in_place(b):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.gpu
 def test_gpu_model_decode_step_fused_matches_the_separate_ops(monkeypatch):
-    """impl="auto" on a GPU at b = 1 (the fused step, the norm kernels, the GEMV partials; and
-    with FOLD_NORMS_AUTO the norms folded into the projections) against the same model with
+    """impl="auto" on a GPU at b = 1 (the fused step with the norms folded, FOLD_NORMS_AUTO;
+    and without it the norm kernels and the GEMV partials) against the same model with
     FUSED_STEP_AUTO off (the separate ops), 2.7B mixer widths."""
     from flax import nnx
 
@@ -248,7 +249,7 @@ def test_gpu_model_decode_step_fused_matches_the_separate_ops(monkeypatch):
     _, state = model.prefill(ids[:, :8])
     step = lambda: jax.jit(lambda t, s: model.decode_step(t, s))(ids[:, 8], state)
     got = [step()]
-    monkeypatch.setattr(mixer_module, "FOLD_NORMS_AUTO", True)  # the norms in the projections
+    monkeypatch.setattr(mixer_module, "FOLD_NORMS_AUTO", False)  # the norms' own launches
     got.append(step())
     monkeypatch.setattr(mixer_module, "FUSED_STEP_AUTO", False)
     want, want_state = step()

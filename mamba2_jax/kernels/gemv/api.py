@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from mamba2_jax.kernels.common import resolve_impl
 from mamba2_jax.kernels.gemv.pallas_gemv import (METHODS, NUM_STAGES, NUM_WARPS, SM_COUNT,
                                                  check_layout, gemv_partials, gemv_pallas,
-                                                 normed_gemv_call, plan, residual_sum)
+                                                 plan, residual_gemv_call)
 from mamba2_jax.kernels.gemv.mgpu_gemv import gemv_mgpu, mgpu_gemv_unsupported
-from mamba2_jax.kernels.gemv.reference import gemv_ref, normed_gemv_ref
+from mamba2_jax.kernels.gemv.reference import gemv_ref, residual_gemv_ref
 
 MAX_AUTO_ROWS = 16
 KERNELS = ("auto", "triton", "mgpu")
@@ -152,60 +152,51 @@ def gemv(x, w, bias=None, *, w_layout: str = "in_out", out_dtype=None, impl: str
     return out.reshape(*lead, N)
 
 
-def normed_gemv(x, ss, norm_weight, w, residual=None, *, eps: float, groups: int = 1,
-                in_dtype=None, norm_dtype=None, res_in_dtype=None, partials: bool = False,
-                impl: str = "auto", interpret: bool = False, block_n=None, block_k=None,
-                splits=None, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
-    """``rms_norm(x) @ w`` in one launch, the norm's statistics ``ss`` computed by x's producer
-    (``reference.normed_gemv_ref`` states the math): the decode step's norms folded into the
-    projections that follow them. x [m, K] (any float dtype: the norm's raw input), ss
-    [m, groups * spg] float32, norm_weight [K], w [K, N] (bf16 / f16 / f32), no bias.
-    Returns the product in w's dtype, or with ``partials`` its float32 split-K partials
-    [S, m, N]; with ``residual`` [m, N] ``(residual + product, ss of that sum)``, the split-K
-    sum, the residual add and the squares a second launch (``pallas_gemv.residual_sum``).
-    ``impl="pallas"`` (``interpret`` on the CPU) the Triton kernels, one norm group only
-    (``groups > 1`` is NotImplementedError: see ``pallas_gemv.normed_gemv_call``); "xla" the
-    reference; "auto" the kernels on a GPU for one group, else the reference."""
-    op = "normed_gemv"
-    for name, a in (("x", x), ("ss", ss), ("norm_weight", norm_weight), ("w", w),
-                    ("residual", residual)):
+def residual_gemv(h, norm_weight, w, delta=None, delta_ss=None, *, delta_count=None,
+                  delta_eps=None, in_dtype=None, impl: str = "auto", interpret: bool = False,
+                  block_n=None, block_k=None, splits=None, num_warps: int = NUM_WARPS,
+                  num_stages: int = NUM_STAGES):
+    """A decode block's residual add, norm and in_proj in one launch, the norm's 1 / RMS row
+    scale left to the consumer: ``(partials [S, m, N] float32, h' [m, K], ss [m, S] float32)``
+    (``reference.residual_gemv_ref`` states the math; its S is 1). h [m, K] the residual
+    stream, norm_weight [K], w [K, N] (bf16 / f16 / f32); ``delta`` [m, K] (the previous
+    block's unscaled out_proj output) with ``delta_ss`` [m, slots] float32 (its gated norm's
+    sums of squares over ``delta_count`` channels, epsilon ``delta_eps``), or neither.
+    ``impl="pallas"`` (``interpret`` on the CPU) the Triton kernel, "xla" the reference,
+    "auto" the kernel on a GPU."""
+    op = "residual_gemv"
+    for name, a in (("h", h), ("norm_weight", norm_weight), ("w", w), ("delta", delta),
+                    ("delta_ss", delta_ss)):
         if a is not None and (not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype,
                                                                             jnp.floating)):
             raise ValueError(f"{op}: {name} must be a floating-point array")
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"{op}: x must be [m, K] and w [K, N], got {tuple(x.shape)} and "
+    if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[0]:
+        raise ValueError(f"{op}: h must be [m, K] and w [K, N], got {tuple(h.shape)} and "
                          f"{tuple(w.shape)}")
-    (m, K), N = x.shape, w.shape[1]
+    (m, K), N = h.shape, w.shape[1]
     if w.dtype not in DTYPES:
         raise ValueError(f"{op}: w must be bfloat16, float16 or float32, got {w.dtype}")
-    if not isinstance(groups, int) or groups < 1 or K % groups:
-        raise ValueError(f"{op}: groups must be a positive divisor of K={K}, got {groups!r}")
-    if ss.ndim != 2 or ss.shape[0] != m or ss.shape[1] % groups or ss.dtype != jnp.float32:
-        raise ValueError(f"{op}: ss must be float32 [m={m}, a multiple of groups={groups}], "
-                         f"got {ss.dtype} {tuple(ss.shape)}")
     if tuple(norm_weight.shape) != (K,):
         raise ValueError(f"{op}: norm_weight must be ({K},), got {tuple(norm_weight.shape)}")
-    if residual is not None and (tuple(residual.shape) != (m, N) or partials):
-        raise ValueError(f"{op}: residual must be [m, N] == ({m}, {N}) (and no partials), got "
-                         f"{tuple(residual.shape)}")
+    if (delta is None) != (delta_ss is None):
+        raise ValueError(f"{op}: delta and delta_ss come together")
+    if delta is not None:
+        if tuple(delta.shape) != (m, K):
+            raise ValueError(f"{op}: delta must be [m, K] == ({m}, {K}), got "
+                             f"{tuple(delta.shape)}")
+        if delta_ss.ndim != 2 or delta_ss.shape[0] != m or delta_ss.dtype != jnp.float32:
+            raise ValueError(f"{op}: delta_ss must be float32 [m={m}, slots], got "
+                             f"{delta_ss.dtype} {tuple(delta_ss.shape)}")
+        if not delta_count or delta_count < 1 or delta_eps is None or delta_eps < 0:
+            raise ValueError(f"{op}: a delta needs delta_count >= 1 and delta_eps >= 0, got "
+                             f"{delta_count!r}, {delta_eps!r}")
     for name, v in (("block_n", block_n), ("block_k", block_k), ("splits", splits)):
         _check_block(name, v)
-    in_dtype = jnp.dtype(x.dtype if in_dtype is None else in_dtype)
-    norm_dtype = in_dtype if norm_dtype is None else jnp.dtype(norm_dtype)
-    res_in_dtype = None if residual is None else jnp.dtype(
-        residual.dtype if res_in_dtype is None else res_in_dtype)
-    kw = dict(eps=float(eps), in_dtype=in_dtype, norm_dtype=norm_dtype)
-    if resolve_impl(impl, op=op, pallas_available=groups == 1, interpret=interpret) == "xla":
-        out = normed_gemv_ref(x, ss, norm_weight, w, residual, res_in_dtype=res_in_dtype,
-                              groups=groups, **kw)
-        return out.astype(jnp.float32)[None] if partials else out
+    in_dtype = jnp.dtype(h.dtype if in_dtype is None else in_dtype)
+    kw = dict(delta_count=delta_count, delta_eps=delta_eps, in_dtype=in_dtype)
+    if resolve_impl(impl, op=op, pallas_available=True, interpret=interpret) == "xla":
+        return residual_gemv_ref(h, norm_weight, w, delta, delta_ss, **kw)
     p = plan(m, K, N, block_n=block_n, block_k=block_k, splits=splits, method="dot",
              sm_count=_sm_count())
-    out_dtype = jnp.promote_types(norm_weight.dtype, norm_dtype)
-    out = normed_gemv_call(x, ss, norm_weight, w, p=p, out_dtype=out_dtype,
-                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                           **kw)
-    if residual is not None:
-        return residual_sum(out, residual, out_dtype=w.dtype, in_dtype=res_in_dtype,
-                            interpret=interpret)
-    return out if partials else jnp.sum(out, axis=0).astype(w.dtype)
+    return residual_gemv_call(h, norm_weight, w, delta, delta_ss, p=p, num_warps=num_warps,
+                              num_stages=num_stages, interpret=interpret, **kw)

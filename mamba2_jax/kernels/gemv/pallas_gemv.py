@@ -39,6 +39,10 @@ gives at least ``PROGRAMS_PER_SM * sm_count`` programs (4 x 132 on an H100), so 
 has several programs streaming at once; without such a divisor, ``S = cdiv(target, nb)`` and the
 last slab is masked.
 
+``residual_gemv_call``: the same "dot" kernel with a decode block's residual add and RMS norm
+in its x tiles (``h + delta * s``, times the norm weight; the norm's 1 / RMS is left to the
+consumer), the column-block-0 programs writing the new stream and the norm's sums of squares.
+
 Dtype policy: x and w share one float dtype; products and sums in float32; the output in
 ``x.dtype`` (``nnx.Linear`` computes ``dot_general`` in the param dtype with float32
 accumulation on GPU, so the two agree within one rounding of the output).
@@ -53,7 +57,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from mamba2_jax.kernels.common import cdiv, check_pow2, next_pow2
+from mamba2_jax.kernels.common import cdiv, check_pow2, next_pow2, static_index
 
 SM_COUNT = 132  # H100 SXM; the API passes the device's count when it runs on a GPU
 PROGRAMS_PER_SM = 4
@@ -125,14 +129,9 @@ def plan(m: int, K: int, N: int, *, block_n=None, block_k=None, splits=None, met
                 grid=(cdiv(N, bn), S))
 
 
-def _gemv_kernel(*refs, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k, precision, out_in,
-                 norm=None):
-    """One program's slab; ``norm`` (a static dict, see ``normed_gemv_call``) adds the RMS-norm
-    prologue."""
-    if norm:
-        x_ref, w_ref, ss_ref, wn_ref, o_ref = refs
-    else:
-        (x_ref, w_ref, o_ref), ss_ref, wn_ref = refs, None, None
+def _gemv_kernel(x_ref, w_ref, o_ref, *, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k,
+                 precision, out_in):
+    """One program's slab (see the module docstring)."""
     j, s = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(j * bn, bn)
     ragged_n = N % bn != 0
@@ -148,12 +147,6 @@ def _gemv_kernel(*refs, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k, precisio
                 n_part[:, None], tile_shape)
         return jnp.broadcast_to(k_part[:, None], tile_shape), jnp.broadcast_to(
             n_part[None, :], tile_shape)
-
-    if norm:  # 1 / RMS of each row [mp, 1] from its ss slots (rows past m read as zeros)
-        sl = jnp.arange(norm["spg_block"], dtype=jnp.int32)
-        ss = plt.load(ss_ref.at[pl.ds(0, mp), pl.ds(0, norm["spg_block"])],
-                      mask=(rows < m)[:, None] & (sl < norm["spg"])[None, :], other=0)
-        rstd = jax.lax.rsqrt(jnp.sum(ss, axis=1, keepdims=True) / K + norm["eps"])
 
     def tile(t, acc):
         k0 = pl.multiple_of(s * ks + t * bk, bk)
@@ -177,12 +170,6 @@ def _gemv_kernel(*refs, m, mp, K, N, bn, bk, ks, n_k, method, ragged_k, precisio
             xmask = rm if xmask is None else xmask & rm
         xt = x_ref.at[pl.ds(0, mp), pl.ds(k0, bk)]
         x = xt[...] if xmask is None else plt.load(xt, mask=xmask, other=0)
-        if norm:  # x is the raw input: normalise this tile (rms_norm_ref's roundings)
-            r = x.astype(norm["in_dtype"]).astype(jnp.float32)
-            y = (r * rstd).astype(norm["norm_dtype"]).astype(jnp.float32)
-            wn = wn_ref.at[pl.ds(k0, bk)]
-            wn = (wn[...] if not ragged_k else plt.load(wn, mask=kk < K, other=0))
-            x = (wn.astype(jnp.float32)[None, :] * y).astype(norm["out_dtype"]).astype(w.dtype)
         if method == "fma":
             xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
             if out_in:  # acc [mp, bn, bk]
@@ -230,73 +217,86 @@ def gemv_partials(x, w, *, p, w_layout="in_out", num_warps=NUM_WARPS, num_stages
     )(x, w)
 
 
-def normed_gemv_call(x, ss, norm_weight, w, *, p, eps, in_dtype, norm_dtype, out_dtype,
-                     num_warps=NUM_WARPS, num_stages=NUM_STAGES, interpret=False):
-    """``gemv_partials`` of the RMS-normalised x: float32 partials [S, m, N].
-
-    x [m, K] is the norm's raw input (one norm group: the whole row) and ss [m, slots] float32
-    its sums of squares (each slot a partial sum of ``x.astype(in_dtype)^2`` written by the
-    producer of x); every program sums the slots (1 / RMS before its loop) and normalises each
-    tile of x as ``rms_norm_ref`` does (rounded to ``norm_dtype``, times ``norm_weight`` [K],
-    rounded to ``out_dtype``, the norm's output dtype), then casts it to w's dtype for the
-    product. (Per-group statistics inside the loop, for a grouped gated norm, gave NaN on an
-    H200 at m = 1 with 8 groups, correct at m = 4 and 16 and in interpret mode: not kept.)"""
-    m, K = x.shape
-    N = w.shape[1]
-    norm = dict(spg=ss.shape[1], spg_block=next_pow2(ss.shape[1]), eps=eps,
-                in_dtype=jnp.dtype(in_dtype), norm_dtype=jnp.dtype(norm_dtype),
-                out_dtype=jnp.dtype(out_dtype))
-    precision = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
-        n_k=p["n_k"], method=p["method"], ragged_k=p["S"] * p["ks"] != K, precision=precision,
-        out_in=False, norm=norm)
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32), grid=p["grid"],
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="normed_gemv",
-    )(x, w, ss, norm_weight)
-
-
-RESIDUAL_BLOCK = 64  # columns a program of residual_sum
-
-
-def _residual_sum_kernel(part_ref, res_ref, h_ref, ss_ref, *, S, m, mp, N, bn, out_dtype,
-                         in_dtype):
-    j = pl.program_id(0)
-    cols = j * bn + jnp.arange(bn, dtype=jnp.int32)
+def _residual_gemv_kernel(*refs, m, mp, K, N, bn, bk, ks, n_k, ragged_k, precision,
+                          delta, in_dtype):
+    """One program's slab of ``residual_gemv_call``: h' = h + delta_scale * delta per x tile
+    (the column-block-0 programs store h' and their slab's sums of squares), then the product
+    of ``bf16(norm_weight * h'.astype(in_dtype))`` with the w tile."""
+    if delta:
+        h_ref, d_ref, dss_ref, wn_ref, w_ref, part_ref, hn_ref, ss_ref = refs
+    else:
+        (h_ref, wn_ref, w_ref, part_ref, hn_ref, ss_ref), d_ref, dss_ref = refs, None, None
+    j, s = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(j * bn, bn)
+    cols = n0 + jnp.arange(bn, dtype=jnp.int32)
     rows = jnp.arange(mp, dtype=jnp.int32)
-    mask = (rows < m)[:, None] & (cols < N)[None, :]
-    cs = pl.ds(pl.multiple_of(j * bn, bn), bn)
-    tile = lambda ref: ref.at[pl.ds(0, mp), cs]
-    part = lambda s, a: a + plt.load(part_ref.at[s, pl.ds(0, mp), cs], mask=mask, other=0)
-    acc = jax.lax.fori_loop(0, S, part, jnp.zeros((mp, bn), jnp.float32))
-    res = plt.load(tile(res_ref), mask=mask, other=0).astype(jnp.float32)
-    h = (res + acc.astype(out_dtype).astype(jnp.float32)).astype(h_ref.dtype)
-    plt.store(tile(h_ref), h, mask=mask)
-    r = jnp.where(mask, h.astype(in_dtype).astype(jnp.float32), 0.0)
-    plt.store(ss_ref.at[pl.ds(0, mp), pl.ds(j, 1)], jnp.sum(r * r, axis=1, keepdims=True),
-              mask=(rows < m)[:, None])
+    if delta:  # the delta's row scale 1 / RMS from its producer's sums of squares, a row at
+        # a time (an [mp, slots] tile of them took registers the loop then missed: +10 µs)
+        sl = jnp.arange(delta["slots_block"], dtype=jnp.int32)
+        dscale = jnp.zeros((mp, 1), jnp.float32)
+        for row in range(m):
+            dss = plt.load(dss_ref.at[static_index(row), pl.ds(0, delta["slots_block"])],
+                           mask=sl < delta["slots"], other=0)
+            dscale = jnp.where(rows[:, None] == row, jax.lax.rsqrt(
+                jnp.sum(dss) / delta["count"] + delta["eps"]), dscale)
+
+    def tile(t, carry):
+        acc, sq = carry
+        k0 = pl.multiple_of(s * ks + t * bk, bk)
+        kk = k0 + jnp.arange(bk, dtype=jnp.int32)
+        wmask = (kk < K)[:, None] & (cols < N)[None, :]
+        w = plt.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], mask=wmask, other=0)
+        xmask = (rows < m)[:, None] & (kk < K)[None, :]
+        xs = (pl.ds(0, mp), pl.ds(k0, bk))
+        hv = plt.load(h_ref.at[xs], mask=xmask, other=0).astype(jnp.float32)
+        if delta:
+            hv = hv + dscale * plt.load(d_ref.at[xs], mask=xmask, other=0).astype(jnp.float32)
+        hv = hv.astype(hn_ref.dtype)
+        # a predicated store, no branch in the loop (a branch there stopped its pipelining)
+        plt.store(hn_ref.at[xs], hv, mask=xmask & first)
+        v = hv.astype(in_dtype).astype(jnp.float32)
+        wn = plt.load(wn_ref.at[pl.ds(k0, bk)], mask=kk < K, other=0).astype(jnp.float32)
+        x = (wn[None, :] * v).astype(wn_ref.dtype).astype(w.dtype)
+        acc = acc + jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32)
+        return acc, sq + v * v  # (summed over the tile's columns after the loop)
+
+    first = j == 0  # the column-block-0 programs write h' and the squares
+    carry = (jnp.zeros((mp, bn), jnp.float32), jnp.zeros((mp, bk), jnp.float32))
+    acc, sq = tile(0, carry) if n_k == 1 else jax.lax.fori_loop(0, n_k, tile, carry)
+    omask = (rows < m)[:, None] & (cols < N)[None, :]
+    plt.store(part_ref.at[s, pl.ds(0, mp), pl.ds(n0, bn)], acc, mask=omask)
+    plt.store(ss_ref.at[pl.ds(0, mp), s], jnp.sum(sq, axis=1), mask=(rows < m) & first)
 
 
-def residual_sum(partials, residual, *, out_dtype, in_dtype, block_n=RESIDUAL_BLOCK,
-                 num_warps=NUM_WARPS, interpret=False):
-    """``h = residual + sum(partials, 0).astype(out_dtype)`` (float32 sums, h in
-    promote(residual, out_dtype)) and ss [m, cdiv(N, block_n)] float32, the sums of squares of
-    ``h.astype(in_dtype)`` over each column block (the next norm's statistics): one launch,
-    grid over column blocks. partials [S, m, N] float32, residual [m, N]."""
-    S, m, N = partials.shape
-    kernel = functools.partial(_residual_sum_kernel, S=S, m=m, mp=next_pow2(m), N=N,
-                               bn=block_n, out_dtype=jnp.dtype(out_dtype),
-                               in_dtype=jnp.dtype(in_dtype))
-    nb = cdiv(N, block_n)
+def residual_gemv_call(h, norm_weight, w, delta=None, delta_ss=None, *, p, delta_count=None,
+                       delta_eps=None, in_dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                       interpret=False):
+    """``(partials [S, m, N] float32, h' [m, K], ss [m, S] float32)`` of
+    ``reference.residual_gemv_ref`` for the "dot" launch plan ``p``: each program adds the
+    scaled delta to its x tiles, the programs of column block 0 write h' and their slab's
+    sums of squares (slot s of ss)."""
+    m, K = h.shape
+    N = w.shape[1]
+    hn_dtype = h.dtype if delta is None else jnp.promote_types(h.dtype, delta.dtype)
+    d = None
+    if delta is not None:
+        d = dict(slots=delta_ss.shape[1], slots_block=next_pow2(delta_ss.shape[1]),
+                 count=float(delta_count), eps=float(delta_eps))
+    kernel = functools.partial(
+        _residual_gemv_kernel, m=m, mp=p["mp"], K=K, N=N, bn=p["bn"], bk=p["bk"], ks=p["ks"],
+        n_k=p["n_k"], ragged_k=p["S"] * p["ks"] != K,
+        precision=jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None, delta=d,
+        in_dtype=jnp.dtype(in_dtype))
+    args = (h,) + (() if delta is None else (delta, delta_ss)) + (norm_weight, w)
     return pl.pallas_call(
-        kernel, grid=(nb,),
-        out_shape=(jax.ShapeDtypeStruct((m, N), jnp.promote_types(residual.dtype, out_dtype)),
-                   jax.ShapeDtypeStruct((m, nb), jnp.float32)),
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret, name="residual_sum",
-    )(partials, residual)
+        kernel, grid=p["grid"],
+        out_shape=(jax.ShapeDtypeStruct((p["S"], m, N), jnp.float32),
+                   jax.ShapeDtypeStruct((m, K), hn_dtype),
+                   jax.ShapeDtypeStruct((m, p["S"]), jnp.float32)),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="residual_gemv",
+    )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "method",

@@ -21,29 +21,30 @@ def gemv_ref(x, w, bias=None, *, w_layout="in_out", out_dtype=None):
     return out.astype(x.dtype if out_dtype is None else out_dtype)
 
 
-def normed_gemv_ref(x, ss, norm_weight, w, residual=None, *, eps: float, groups: int = 1,
-                    in_dtype=None, norm_dtype=None, res_in_dtype=None):
-    """``rms_norm(x) @ w`` with the norm's statistics given, optionally plus a residual.
+def residual_gemv_ref(h, norm_weight, w, delta=None, delta_ss=None, *, delta_count=None,
+                      delta_eps=None, in_dtype=None):
+    """A decode block's residual add + RMS norm + projection, the norm's 1 / RMS left out:
 
-    x [m, K] is the norm's input, ss [m, groups * spg] the sums of squares of
-    ``x.astype(in_dtype)`` (any split into ``spg`` slots per group: their sum is what counts):
-        y   = x.astype(in_dtype) / sqrt(sum_group(ss) / (K / groups) + eps)   per group
-        xn  = (norm_weight * y.astype(norm_dtype)).astype(w.dtype)            (rms_norm_ref's)
-        out = xn @ w                                                          (gemv_ref, w.dtype)
-    With ``residual`` [m, N] returns ``(h, ss_h)``: ``h = residual + out`` (float32 sum, in
-    promote(residual, w)) and ss_h [m, 1] the sums of squares of ``h.astype(res_in_dtype)``
-    (the next norm's ss)."""
-    m, K = x.shape
-    in_dtype = jnp.dtype(x.dtype if in_dtype is None else in_dtype)
-    norm_dtype = in_dtype if norm_dtype is None else jnp.dtype(norm_dtype)
-    total = jnp.sum(ss.astype(jnp.float32).reshape(m, groups, -1), axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(total / (K // groups) + eps)
-    r = x.astype(in_dtype).astype(jnp.float32).reshape(m, groups, K // groups)
-    y = (r * rstd).reshape(m, K).astype(norm_dtype)
-    out = gemv_ref((norm_weight * y).astype(w.dtype), w)
-    if residual is None:
-        return out
-    h = (residual.astype(jnp.float32) + out.astype(jnp.float32)).astype(
-        jnp.promote_types(residual.dtype, w.dtype))
-    r = h.astype(residual.dtype if res_in_dtype is None else res_in_dtype).astype(jnp.float32)
-    return h, jnp.sum(r * r, axis=-1, keepdims=True)
+        h'      = h + delta / sqrt(sum(delta_ss) / delta_count + delta_eps)   (float32; in
+                  promote(h, delta); no delta: h' = h)
+        v       = h'.astype(in_dtype)                      (the norm's input)
+        ss      = sum(v^2)                                 [m, 1] (the norm's statistics)
+        partials = (norm_weight * v).astype(w.dtype) @ w   [1, m, N] float32
+
+    so that ``partials.sum(0) / sqrt(ss / K + eps)`` is the normalised input's product (the
+    consumer applies the row scale: ``mixer_step(in_ss=...)``). ``delta`` [m, K] is the
+    previous block's unscaled out_proj output and ``delta_ss`` [m, slots] its gated norm's
+    sums of squares (``mixer_step(sum_squares=True)``) over ``delta_count`` channels."""
+    hf = h.astype(jnp.float32)
+    dtype = h.dtype
+    if delta is not None:
+        scale = jax.lax.rsqrt(jnp.sum(delta_ss, axis=-1, keepdims=True) / delta_count
+                              + delta_eps)
+        hf = hf + scale * delta.astype(jnp.float32)
+        dtype = jnp.promote_types(h.dtype, delta.dtype)
+    h_new = hf.astype(dtype)
+    v = h_new.astype(h.dtype if in_dtype is None else in_dtype).astype(jnp.float32)
+    x = (norm_weight.astype(jnp.float32) * v).astype(norm_weight.dtype).astype(w.dtype)
+    partials = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)[None]
+    return partials, h_new, jnp.sum(v * v, axis=-1, keepdims=True)

@@ -35,7 +35,8 @@ def mixer_step_unsupported(*, heads: int, head_dim: int, groups: int, state_size
 def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
                heads: int, head_dim: int, groups: int, state_size: int,
                dt_limit=(0.0, float("inf")), a_is_log: bool = False, zx_dtype=None,
-               block_p=None, num_warps=None, sum_squares: bool = False, impl: str = "auto",
+               block_p=None, num_warps=None, sum_squares: bool = False, in_ss=None,
+               in_count=None, in_eps=None, norm_weight=None, impl: str = "auto",
                interpret: bool = False):
     """See the module docstring. ``a_is_log``: ``A`` holds A_log (A = -exp(A_log), taken in
     the kernel); ``block_p`` / ``num_warps``: the kernel's launch (None: its defaults).
@@ -43,7 +44,11 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
     (``gemv(..., partials=True)``), summed in the kernel and rounded to ``zx_dtype``.
     ``sum_squares``: a fourth output, float32 [b, slots] (slots a multiple of heads, head-major),
     sums of squares of the gated y whose sum over a group's slots is its gated norm's
-    statistic (for ``gemv.normed_gemv``). zxbcdt [b, i + c + h] (i = heads * head_dim,
+    statistic (for the decode step with the norms folded). ``in_ss`` [b, slots] float32 with ``in_count`` and
+    ``in_eps`` (partials only): the partials' sum is scaled by the in_proj input's 1 / RMS
+    before its rounding (``gemv.residual_gemv`` left it out); ``norm_weight`` [i]: the output
+    is ``gated y * norm_weight`` in norm_weight's dtype (the gated norm, its 1 / RMS left to
+    the consumer). zxbcdt [b, i + c + h] (i = heads * head_dim,
     c = i + 2 groups state_size), conv_state [b, c, k-1], conv_weight [c, k], conv_bias [c] or
     None, ssm_state [b, heads, head_dim, state_size], A / dt_bias [heads], D [heads] or
     [heads, head_dim]."""
@@ -75,6 +80,17 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
     for name, a in dict(got, D=D).items():
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"{op}: {name} must be floating point, got {a.dtype}")
+    if in_ss is not None and (zxbcdt.ndim != 3 or in_ss.ndim != 2 or in_ss.shape[0] != b
+                              or in_ss.dtype != jnp.float32 or not in_count or in_count < 1
+                              or in_eps is None or in_eps < 0):
+        raise ValueError(f"{op}: in_ss must be float32 [b={b}, slots] with partials zxbcdt, "
+                         f"in_count >= 1 and in_eps >= 0, got "
+                         f"{getattr(in_ss, 'dtype', None)} {tuple(in_ss.shape)}, zxbcdt ndim "
+                         f"{zxbcdt.ndim}, {in_count!r}, {in_eps!r}")
+    if norm_weight is not None and (tuple(norm_weight.shape) != (i,) or not jnp.issubdtype(
+            norm_weight.dtype, jnp.floating)):
+        raise ValueError(f"{op}: norm_weight must be a float ({i},) array, got "
+                         f"{getattr(norm_weight, 'dtype', None)} {tuple(norm_weight.shape)}")
     lo, hi = check_dt_limit(op, dt_limit)
     why = mixer_step_unsupported(heads=h, head_dim=p, groups=g, state_size=n, conv_kernel=k)
     backend = resolve_impl(impl, op=op, pallas_available=why is None, interpret=interpret)
@@ -84,13 +100,16 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
             A = -jnp.exp(A.astype(jnp.float32))
         return mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D,
                               dt_bias, dt_limit=(lo, hi), zx_dtype=zx_dtype,
-                              sum_squares=sum_squares, **shape)
+                              sum_squares=sum_squares, in_ss=in_ss, in_count=in_count,
+                              in_eps=in_eps, norm_weight=norm_weight, **shape)
     if block_p is not None and (not _pow2(block_p) or block_p > p):
         raise ValueError(f"{op}: block_p must be a power of two <= head_dim {p}, got {block_p}")
     limit = None if (lo, hi) == (0.0, float("inf")) else (lo, hi)
     launch = dict(block_p=block_p, **({} if num_warps is None else dict(num_warps=num_warps)))
     return mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D,
-                             dt_bias, limit=limit, a_is_log=a_is_log, interpret=interpret,
-                             sum_squares=sum_squares,
+                             dt_bias, in_ss, norm_weight, limit=limit, a_is_log=a_is_log,
+                             interpret=interpret, sum_squares=sum_squares,
+                             in_count=None if in_ss is None else float(in_count),
+                             in_eps=None if in_ss is None else float(in_eps),
                              zx_dtype=None if zx_dtype is None else jnp.dtype(zx_dtype).name,
                              **launch, **shape)

@@ -38,21 +38,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from mamba2_jax.kernels.common import static_index
+from mamba2_jax.kernels.common import next_pow2, static_index
 from mamba2_jax.kernels.state_update.pallas_ssu import _softplus
 
 NUM_WARPS = 4
 MIN_PROGRAMS = 1024  # see default_block_p
 
 
-def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref, y_ref,
-                 conv_out_ref, ssm_out_ref, *ss_ref, p, bp, n, groups, heads_per_group, k,
-                 limit, d_per_channel, a_is_log, splits, zx_dtype):
+def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref, *refs, p, bp,
+                 n, groups, heads_per_group, k, limit, d_per_channel, a_is_log, splits,
+                 zx_dtype, in_norm, gated_norm):
+    refs = list(refs)
+    in_ss_ref = refs.pop(0) if in_norm else None
+    gnw_ref = refs.pop(0) if gated_norm else None
+    y_ref, conv_out_ref, ssm_out_ref, *ss_ref = refs
     r, j, pb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = j // heads_per_group
     h = pl.num_programs(1)
     i = h * p
     xbc_dtype = zx_dtype
+    rstd = None
+    if in_norm:  # the in_proj input's 1 / RMS (its norm's row scale, applied to the product)
+        sl = jnp.arange(in_norm["slots_block"], dtype=jnp.int32)
+        sq = plt.load(in_ss_ref.at[r, pl.ds(0, in_norm["slots_block"])],
+                      mask=sl < in_norm["slots"], other=0)
+        rstd = jax.lax.rsqrt(jnp.sum(sq) / in_norm["count"] + in_norm["eps"])
 
     def zx(start, size=None):
         """in_proj output columns start : start + size (a scalar when size is None) in
@@ -64,6 +74,8 @@ def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref
         acc = zx_ref[0, r, cols]
         for q in range(1, splits):
             acc = acc + zx_ref[q, r, cols]
+        if rstd is not None:
+            acc = acc * rstd
         return acc.astype(zx_dtype).astype(jnp.float32)
     c0 = pl.multiple_of(j * p + pb * bp, bp)  # this program's x channels (and z, y columns)
     ps = pl.ds(pl.multiple_of(pb * bp, bp), bp)
@@ -104,7 +116,11 @@ def _step_kernel(zx_ref, conv_ref, w_ref, cb_ref, ssm_ref, A_ref, D_ref, dtb_ref
     zv = zx(c0, bp)
     y = y.astype(xbc_dtype).astype(jnp.float32)
     gated = y * zv * jax.nn.sigmoid(zv)
-    y_ref[r, j, ps] = gated
+    if gated_norm:  # the gated norm's weight (its 1 / RMS is the consumer's), y's dtype
+        y_ref[r, j, ps] = (gated * gnw_ref[pl.ds(c0, bp)].astype(jnp.float32)).astype(
+            y_ref.dtype)
+    else:
+        y_ref[r, j, ps] = gated
     ssm_out_ref[r, j, ps, :] = s.astype(ssm_out_ref.dtype)
     if ss_ref:  # this program's slot of the gated norm's sums of squares
         ss_ref[0][r, j * pl.num_programs(2) + pb] = jnp.sum(gated * gated)
@@ -118,20 +134,25 @@ def default_block_p(b: int, h: int, p: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("heads", "head_dim", "groups", "state_size",
                                              "limit", "a_is_log", "zx_dtype", "block_p",
-                                             "sum_squares", "num_warps", "interpret"))
-def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
-                      heads: int, head_dim: int, groups: int, state_size: int, limit=None,
-                      a_is_log: bool = False, zx_dtype=None, block_p=None,
-                      sum_squares: bool = False, num_warps: int = NUM_WARPS,
-                      interpret: bool = False):
+                                             "sum_squares", "in_count", "in_eps",
+                                             "num_warps", "interpret"))
+def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
+                      in_ss=None, norm_weight=None, *, heads: int, head_dim: int, groups: int,
+                      state_size: int, limit=None, a_is_log: bool = False, zx_dtype=None,
+                      block_p=None, sum_squares: bool = False, in_count=None, in_eps=None,
+                      num_warps: int = NUM_WARPS, interpret: bool = False):
     """``(gated y [b, h p] float32, new conv state, new ssm state)`` (``mixer_step_ref``'s
     contract; ``limit`` (lo, hi) or None for no clip; ``a_is_log``: A holds A_log and the
     kernel takes A = -exp(A_log), saving the step an XLA launch; ``block_p`` None:
     ``default_block_p``). ``zxbcdt`` [S, b, N] float32 (the in_proj GEMV's split-K partials,
     summed here and rounded to ``zx_dtype``: the XLA sum's launch saved) or [b, N].
     ``sum_squares``: a fourth output, [b, h p / bp] float32, each program's sum of its gated
-    y squared (slots head-major: the gated norm's statistics). Inputs are the caller's to
-    check."""
+    y squared (slots head-major: the gated norm's statistics). ``in_ss`` [b, slots] float32
+    (with ``in_count``, ``in_eps``): the summed partials are scaled by
+    ``1 / sqrt(sum(in_ss) / in_count + in_eps)`` (the in_proj input's norm) before the
+    rounding; ``norm_weight`` [h p]: the output is ``gated * norm_weight`` in norm_weight's
+    dtype (the gated norm's weight, its 1 / RMS left to the consumer). Inputs are the
+    caller's to check."""
     splits = zxbcdt.shape[0] if zxbcdt.ndim == 3 else None
     zx_dtype = jnp.dtype(zxbcdt.dtype if zx_dtype is None else zx_dtype)
     b = zxbcdt.shape[-2]
@@ -141,10 +162,14 @@ def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, 
     kernel = functools.partial(_step_kernel, p=p, bp=bp, n=n, groups=groups,
                                heads_per_group=h // groups, k=k, limit=limit,
                                d_per_channel=D.ndim == 2, a_is_log=a_is_log, splits=splits,
-                               zx_dtype=zx_dtype)
+                               zx_dtype=zx_dtype, gated_norm=norm_weight is not None,
+                               in_norm=None if in_ss is None else dict(
+                                   slots=in_ss.shape[1], slots_block=next_pow2(in_ss.shape[1]),
+                                   count=float(in_count), eps=float(in_eps)))
     if conv_bias is None:
         conv_bias = jnp.zeros((c,), jnp.float32)
-    out_shape = (jax.ShapeDtypeStruct((b, h, p), jnp.float32),
+    y_dtype = jnp.float32 if norm_weight is None else norm_weight.dtype
+    out_shape = (jax.ShapeDtypeStruct((b, h, p), y_dtype),
                  jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype),
                  jax.ShapeDtypeStruct(ssm_state.shape, ssm_state.dtype))
     if sum_squares:
@@ -156,5 +181,6 @@ def mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, 
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name="mixer_step",
     )(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A.astype(jnp.float32),
-      D.astype(jnp.float32), dt_bias.astype(jnp.float32))
+      D.astype(jnp.float32), dt_bias.astype(jnp.float32),
+      *(a for a in (in_ss, norm_weight) if a is not None))
     return (outs[0].reshape(b, h * p),) + tuple(outs[1:])

@@ -31,15 +31,23 @@ def split_zxbcdt(zxbcdt, heads: int, head_dim: int, groups: int, state_size: int
 
 def mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, *,
                    heads: int, head_dim: int, groups: int, state_size: int,
-                   dt_limit=(0.0, float("inf")), zx_dtype=None, sum_squares: bool = False):
+                   dt_limit=(0.0, float("inf")), zx_dtype=None, sum_squares: bool = False,
+                   in_ss=None, in_count=None, in_eps=None, norm_weight=None):
     """``(gated y [b, h p] float32, new conv state, new ssm state)``; see the module docstring.
     ``sum_squares``: also the sums of squares of each head's gated y, [b, h] float32 (the gated
-    norm's statistics, for ``gemv.normed_gemv``).
+    norm's statistics, for the decode step with the norms folded).
     conv_state [b, c, k-1], conv_weight [c, k], conv_bias [c] or None, ssm_state [b, h, p, n],
     A / dt_bias [h], D [h] or [h, p]. ``zxbcdt`` [S, b, N] float32: split-K partial products
-    of in_proj, whose sum rounded to ``zx_dtype`` is the in_proj output."""
+    of in_proj, whose sum rounded to ``zx_dtype`` is the in_proj output; with ``in_ss``
+    [b, slots] the sum is first scaled by ``1 / sqrt(sum(in_ss) / in_count + in_eps)`` (the
+    in_proj input's norm, ``gemv.residual_gemv``). ``norm_weight`` [i]: the output is
+    ``out * norm_weight`` in norm_weight's dtype (the gated norm without its 1 / RMS)."""
     if zxbcdt.ndim == 3:
-        zxbcdt = jnp.sum(zxbcdt, axis=0).astype(zx_dtype)
+        zxbcdt = jnp.sum(zxbcdt, axis=0)
+        if in_ss is not None:
+            zxbcdt = zxbcdt * jax.lax.rsqrt(
+                jnp.sum(in_ss, axis=-1, keepdims=True) / in_count + in_eps)
+        zxbcdt = zxbcdt.astype(zx_dtype)
     b = zxbcdt.shape[0]
     i, gn = heads * head_dim, groups * state_size
     z, xbc, dt = split_zxbcdt(zxbcdt, heads, head_dim, groups, state_size)
@@ -51,6 +59,7 @@ def mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, 
     y, ssm = selective_state_update_ref(ssm_state, x, dt, A, B, C, D=D, dt_bias=dt_bias,
                                         dt_softplus=True, dt_limit=dt_limit)
     out = y.reshape(b, i).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    if sum_squares:
-        return out, conv, ssm, jnp.sum(jnp.square(out).reshape(b, heads, head_dim), axis=-1)
-    return out, conv, ssm
+    squares = jnp.sum(jnp.square(out).reshape(b, heads, head_dim), axis=-1)
+    if norm_weight is not None:
+        out = (out * norm_weight.astype(jnp.float32)).astype(norm_weight.dtype)
+    return (out, conv, ssm, squares) if sum_squares else (out, conv, ssm)
