@@ -46,11 +46,11 @@ CONFIG = dict(hidden_size=2560, num_hidden_layers=64, num_heads=80, head_dim=64,
 VARIANTS = {  # (jax 0.11.2's XLA captures Triton custom calls in command buffers by default)
     "default": "",
     "command_buffers_off": "--xla_gpu_enable_command_buffer=",
-    "pdl": "--xla_gpu_enable_pdl=true",  # programmatic dependent launch (Hopper+)
 }
 EXTRA_FLAGS = {  # flags of the other variants (xla_ops, hf, breakdown*)
     "breakdown_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     "xla_ops_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "pdl": "--xla_gpu_enable_pdl=true",  # programmatic dependent launch (Hopper+; no gain)
 }
 TINY = dict(CONFIG, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
             vocab_size=256, chunk_size=16)  # --tiny: a smoke test of the script

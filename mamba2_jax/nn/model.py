@@ -27,6 +27,7 @@ from mamba2_jax.config import Mamba2Config
 from mamba2_jax.kernels.common import op_kwargs
 from mamba2_jax.kernels.gemv import gemv
 from mamba2_jax.kernels.gemv.api import decode_takes_kernel
+from mamba2_jax.kernels.gemv.reference import add_scaled_delta
 from mamba2_jax.kernels.rms_norm import rms_norm
 from mamba2_jax.nn.mixer import MambaMixer2, MixerState, init_mixer_state
 from mamba2_jax.nn.norm import RMSNorm
@@ -188,11 +189,8 @@ class Mamba2ForCausalLM(nnx.Module):
         for layer, s in zip(layers, state):
             h, delta, dss, s = layer.mixer.folded_step(h, delta, dss, layer.norm, s, impl=impl)
             new_state.append(s)
-        gated = layers[-1].mixer.norm
-        scale = jax.lax.rsqrt(jnp.sum(dss, axis=-1, keepdims=True)
-                              / self.config.intermediate_size + gated.eps)
-        h = (h.astype(jnp.float32) + scale * delta.astype(jnp.float32)).astype(
-            jnp.promote_types(h.dtype, delta.dtype))
+        h = add_scaled_delta(h, delta, dss, delta_count=self.config.intermediate_size,
+                             delta_eps=layers[-1].mixer.norm.eps)
         return self._logits(h, head_impl=impl), tuple(new_state)
 
     def _fused_decode_step(self, h, state, impl):

@@ -150,6 +150,8 @@ def test_mixer_step_applies_the_norm_scales():
     plain = mixer_step_ref(*dict(v, zxbcdt=parts * jnp.asarray(rstd, F32)).values(), **kw)
     assert rel(want[2], plain[2]) < 1e-5 and rel(want[3], plain[3]) < 1e-5
     assert rel(want[0], plain[0] * np.asarray(gnw, np.float64)) < 1e-2
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        mixer_step(*v.values(), **kw, norm_weight=gnw[:10], impl="xla")
     with pytest.raises(ValueError, match="in_ss must be"):
         mixer_step(*dict(v, zxbcdt=parts[0]).values(), **{**kw, "zx_dtype": None},
                    in_ss=in_ss, in_count=640.0, in_eps=EPS, impl="xla")

@@ -35,16 +35,25 @@ def residual_gemv_ref(h, norm_weight, w, delta=None, delta_ss=None, *, delta_cou
     consumer applies the row scale: ``mixer_step(in_ss=...)``). ``delta`` [m, K] is the
     previous block's unscaled out_proj output and ``delta_ss`` [m, slots] its gated norm's
     sums of squares (``mixer_step(sum_squares=True)``) over ``delta_count`` channels."""
-    hf = h.astype(jnp.float32)
-    dtype = h.dtype
-    if delta is not None:
-        scale = jax.lax.rsqrt(jnp.sum(delta_ss, axis=-1, keepdims=True) / delta_count
-                              + delta_eps)
-        hf = hf + scale * delta.astype(jnp.float32)
-        dtype = jnp.promote_types(h.dtype, delta.dtype)
-    h_new = hf.astype(dtype)
+    h_new = h if delta is None else add_scaled_delta(h, delta, delta_ss,
+                                                     delta_count=delta_count,
+                                                     delta_eps=delta_eps)
     v = h_new.astype(h.dtype if in_dtype is None else in_dtype).astype(jnp.float32)
     x = (norm_weight.astype(jnp.float32) * v).astype(norm_weight.dtype).astype(w.dtype)
     partials = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32)[None]
     return partials, h_new, jnp.sum(v * v, axis=-1, keepdims=True)
+
+
+def inv_rms(ss, count, eps):
+    """A norm's row scale from its sums of squares: ``1 / sqrt(sum(ss, -1) / count + eps)``
+    (kept as a trailing axis of 1)."""
+    return jax.lax.rsqrt(jnp.sum(ss, axis=-1, keepdims=True) / count + eps)
+
+
+def add_scaled_delta(h, delta, delta_ss, *, delta_count, delta_eps):
+    """``h + delta * inv_rms(delta_ss)`` in float32, in promote(h, delta): a block's output
+    added to the residual stream with its gated norm's 1 / RMS."""
+    hf = h.astype(jnp.float32) + inv_rms(delta_ss, delta_count, delta_eps) * delta.astype(
+        jnp.float32)
+    return hf.astype(jnp.promote_types(h.dtype, delta.dtype))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba2_jax.kernels.conv1d.reference import causal_conv1d_update_ref
+from mamba2_jax.kernels.gemv.reference import inv_rms
 from mamba2_jax.kernels.state_update.reference import selective_state_update_ref
 
 
@@ -45,8 +46,7 @@ def mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, 
     if zxbcdt.ndim == 3:
         zxbcdt = jnp.sum(zxbcdt, axis=0)
         if in_ss is not None:
-            zxbcdt = zxbcdt * jax.lax.rsqrt(
-                jnp.sum(in_ss, axis=-1, keepdims=True) / in_count + in_eps)
+            zxbcdt = zxbcdt * inv_rms(in_ss, in_count, in_eps)
         zxbcdt = zxbcdt.astype(zx_dtype)
     b = zxbcdt.shape[0]
     i, gn = heads * head_dim, groups * state_size
@@ -59,7 +59,9 @@ def mixer_step_ref(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, 
     y, ssm = selective_state_update_ref(ssm_state, x, dt, A, B, C, D=D, dt_bias=dt_bias,
                                         dt_softplus=True, dt_limit=dt_limit)
     out = y.reshape(b, i).astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-    squares = jnp.sum(jnp.square(out).reshape(b, heads, head_dim), axis=-1)
+    result = (out, conv, ssm)
     if norm_weight is not None:
-        out = (out * norm_weight.astype(jnp.float32)).astype(norm_weight.dtype)
-    return (out, conv, ssm, squares) if sum_squares else (out, conv, ssm)
+        result = ((out * norm_weight.astype(jnp.float32)).astype(norm_weight.dtype), conv, ssm)
+    if sum_squares:  # (of the gated y before the weight: the norm's statistics)
+        result += (jnp.sum(jnp.square(out).reshape(b, heads, head_dim), axis=-1),)
+    return result
