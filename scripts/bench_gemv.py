@@ -70,6 +70,22 @@ SMOKE_CONFIGS = [dict(), dict(block_n=16, block_k=16, splits=3), dict(block_n=48
                  dict(method="fma", block_n=16, block_k=16), dict(kernel="mgpu")]
 
 
+SCALING_K = (640, 1280, 2560, 5120, 10240, 20480)  # --scaling: [1, K] @ [K, 10576]
+
+
+def fit_line(points):
+    """Least squares ``ms = intercept + bytes / rate`` through (bytes, ms) points: a dict of
+    the intercept (µs) and the rate (bytes / s), or None with fewer than two points."""
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mx, my = sum(b for b, _ in points) / n, sum(t for _, t in points) / n
+    sxx = sum((b - mx) ** 2 for b, _ in points)
+    slope = sum((b - mx) * (t - my) for b, t in points) / sxx  # ms per byte
+    return dict(intercept_us=(my - slope * mx) * 1e3, rate_Bps=1 / (slope * 1e-3),
+                points=len(points))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -80,6 +96,11 @@ def parse_args(argv=None):
     ap.add_argument("--copy-mib", type=int, default=256,
                     help="distinct weight copies per timed call, at least this many MiB in all")
     # CPU smoke test: tiny shapes, the kernel in interpret mode.
+    ap.add_argument("--scaling", action="store_true",
+                    help="m = 1, N = 10576, K from 640 to 20480, the default config only, no "
+                         "chain: time against weight bytes, and a line fitted through them "
+                         "(its intercept the fixed cost of a launch, its slope the streaming "
+                         "rate); writes gemv_scaling_<device>.json")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -107,6 +128,10 @@ def main(argv=None):
     shapes = ([("in_proj", 64, 80, "in_out"), ("out_proj", 96, 32, "in_out"),
                ("lm_head", 64, 112, "out_in")] if smoke else SHAPES)
     configs = SMOKE_CONFIGS if smoke else CONFIGS
+    if args.scaling:  # one product shape family, the default launch, m = 1
+        shapes = [(f"K{K}", K, shapes[0][2], "in_out")
+                  for K in ((16, 32, 64) if smoke else SCALING_K)]
+        rows_m, args.no_sweep, args.no_chain = (1,), True, True
     if args.no_sweep:
         configs = configs[:1]
     iters, reps = (1, 1) if smoke else (args.iters, args.reps)
@@ -137,7 +162,12 @@ def main(argv=None):
                       rows=rows, chain=chain)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / ("gemv_" + device.replace(" ", "_").replace("/", "_") + ".json")
+        if args.scaling:
+            result["fit"] = {side: fit_line([(r["weight_bytes"], t(r)) for r in rows if t(r)])
+                             for side, t in (("xla", lambda r: r["xla_ms"]), ("ours", lambda r: (
+                                 r.get("ours_default") or {}).get("ms")))}
+        kind = "gemv_scaling_" if args.scaling else "gemv_"
+        path = out / (kind + device.replace(" ", "_").replace("/", "_") + ".json")
         path.write_text(json.dumps(result, indent=2))
         return path
 

@@ -143,3 +143,63 @@ def test_fresh_pool_variant_matches_on_the_named_slots(b, h, g):
     named = idx[(idx >= 0) & (idx < v["state"].shape[0])]
     assert named.size and rel(y, y_ref) < 1e-2
     assert rel(np.asarray(pool)[named], np.asarray(pool_ref)[named]) < 1e-5
+
+
+def persistent_vs_reference(v, persistent, sm_count, D, z):
+    h = v["x"].shape[1]  # (D None: the API passes zeros)
+    got = selective_state_update_mgpu(v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"],
+                                      jnp.zeros((h,)) if D is None else D, v["dt_bias"], z, v["idx"], softplus=True,
+                                      interpret=not ON_GPU, persistent=persistent,
+                                      sm_count=sm_count)
+    want = selective_state_update(v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"], D=D, z=z,
+                                  dt_bias=v["dt_bias"], dt_softplus=True,
+                                  state_batch_indices=v["idx"], impl="xla")
+    return got, want
+
+
+@pytest.mark.parametrize("persistent,sm_count,d_kind,with_z", [
+    ((2, 1, 1), 2, "hp", True),  # 2 programs of 8 items, the copy out awaited before the next
+    ((3, 1, 1), 3, "h", False),  # 3 programs, the last with one item fewer
+    ((4, 2, 1), 1, "hp", False),  # one program, two items in flight
+    ((3, 2, 2), 2, None, True)])
+def test_persistent_programs_match_reference(persistent, sm_count, d_kind, with_z):
+    v = inputs(7, b=4, h=4, p=64, g=2, n=128, slots=6)  # rows 0 and 3 pad, row 2 out of range
+    D = {None: None, "h": v["D"], "hp": v["Dhp"]}[d_kind]
+    got, want = persistent_vs_reference(v, persistent, sm_count, D, v["z"] if with_z else None)
+    assert_matches(v, got, want, 1e-5, 1e-6)
+
+
+def test_persistent_bf16_pool():
+    v = inputs(8, b=3, h=2, p=128, g=1, n=64, slots=4, pool_dtype=jnp.bfloat16)
+    got, want = persistent_vs_reference(v, (3, 1, 1), 2, v["D"], v["z"])
+    assert_matches(v, got, want, 1e-2, 1e-2)
+
+
+def test_persistent_needs_ahead_below_buffers():
+    v = inputs(0, b=2, h=2, p=64, g=1, n=128, slots=2)
+    with pytest.raises(ValueError, match="1 <= ahead < buffers"):
+        persistent_vs_reference(v, (2, 2, 1), 1, v["D"], None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,h,g,pool_dtype,persistent", [
+    (64, 80, 1, jnp.float32, (3, 1, 2)), (256, 128, 8, jnp.float32, (4, 2, 1)),
+    (64, 128, 8, jnp.bfloat16, (2, 1, 3)), (1, 80, 1, jnp.float32, (3, 1, 2))])
+def test_gpu_persistent_in_place(b, h, g, pool_dtype, persistent):
+    if in_place_route() != "ref":
+        pytest.skip(f"jax {jax.__version__}: the persistent kernel needs the jax.new_ref route")
+    v = inputs(b, b=b, h=h, p=64, g=g, n=128, slots=2 * b + 1, pool_dtype=pool_dtype)
+    sm = jax.devices()[0].core_count
+    step = jax.jit(functools.partial(selective_state_update_mgpu, softplus=True,
+                                     persistent=persistent, sm_count=sm), donate_argnums=0)
+    want = selective_state_update(v["state"], v["x"], v["dt"], v["A"], v["B"], v["C"], D=v["D"],
+                                  z=v["z"], dt_bias=v["dt_bias"], dt_softplus=True,
+                                  state_batch_indices=v["idx"], impl="xla")
+    pool = jnp.array(v["state"])
+    address = pool.unsafe_buffer_pointer()
+    y, new = step(pool, v["x"], v["dt"], v["A"], v["B"], v["C"], v["D"], v["dt_bias"], v["z"],
+                  v["idx"])
+    assert pool.is_deleted() and new.unsafe_buffer_pointer() == address  # no copy of the pool
+    bf16 = pool_dtype == jnp.bfloat16
+    assert_matches(v, (y, new), want, 1e-2, 1e-2 if bf16 else 1e-5)
