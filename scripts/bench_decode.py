@@ -34,8 +34,7 @@ shapes, interpret mode, runs on the CPU.)
 ``block_p:num_warps`` given and (``mgpu``) the Mosaic GPU one, at every batch of the table, as
 the main table's device time (``mgpu_fresh``: the Mosaic GPU kernel writing a fresh pool
 buffer instead of in place, the slots no row names left undefined: the kernel's own time where
-the in-place call cannot lower; ``mgpu_pB_A_C``: its persistent programs, B state buffers
-and A items in flight each, C programs per SM) (32 updates straight-line in one compiled program, the pool
+the in-place call cannot lower) (32 updates straight-line in one compiled program, the pool
 donated), against the measured copy bandwidth. Writes ``ssu_sweep_<device>.json``.
 """
 
@@ -61,11 +60,8 @@ CONV_SHAPES = [(5376, 4, b) for b in (1, 64, 256)]  # (channels c, width k, batc
 PREFILL_SHAPES = [("dense", 1, 8192, None), ("dense", 4, 4096, None),
                   ("varlen", 1, 8192, (0, 1000, 1003, 5000, 8192))]
 PREFILL_C, PREFILL_K = 5376, 4
-# --ssu-sweep's named configs: the Mosaic GPU kernel's keywords (mgpu_fresh: a fresh pool
-# buffer; mgpu_pB_A_C: persistent programs with B state buffers, A items ahead, C per SM)
-MGPU_SWEEP = {"mgpu": {}, "mgpu_fresh": {"alias": False}} | {
-    f"mgpu_p{b}_{a}_{c}": {"persistent": (b, a, c)}
-    for b, a, c in ((2, 1, 2), (2, 1, 3), (3, 1, 2), (3, 2, 2), (4, 2, 1), (4, 3, 1), (6, 4, 1))}
+# --ssu-sweep's named configs: the Mosaic GPU kernel's keywords (mgpu_fresh: a fresh pool buffer)
+MGPU_SWEEP = {"mgpu": {}, "mgpu_fresh": {"alias": False}}
 # Kernel configurations tried for ours: (block_t, block_c, num_warps); the first is the default.
 PREFILL_CONFIGS = [(32, 256, 4), (16, 256, 4), (64, 128, 4), (64, 256, 8), (32, 128, 4),
                    (128, 64, 4)]
@@ -365,8 +361,7 @@ def bench_ssu_sweep(args):
         row = dict(shape=dict(h=h, p=p, g=g, n=n, b=b), us={}, bandwidth_fraction={})
         for config in configs:
             if config in MGPU_SWEEP:
-                update = functools.partial(selective_state_update_mgpu, **MGPU_SWEEP[config],
-                                           sm_count=jax.devices()[0].core_count)
+                update = functools.partial(selective_state_update_mgpu, **MGPU_SWEEP[config])
             else:
                 update = functools.partial(selective_state_update_pallas, block_p=config[0],
                                            num_warps=config[1])

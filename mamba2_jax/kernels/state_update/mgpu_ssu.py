@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -95,30 +94,6 @@ def _softplus(v):
     return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
 
 
-def _dt_and_decay(dt_ref, bias_ref, A_ref, r, j, softplus, limit):
-    """Row r, head j: ``dt = clip(softplus(dt + bias))`` and ``exp(dt A)``, float32 scalars."""
-    dt = dt_ref[r, j] + bias_ref[j]
-    if softplus:
-        dt = _softplus(dt)
-    if limit is not None:
-        dt = jnp.minimum(jnp.maximum(dt, limit[0]), limit[1])
-    return dt, jnp.exp(dt * A_ref[j])
-
-
-def _new_state_and_y(s, x, Bv, Cv, D, dt, decay, z_s, has_z, cast):
-    """``s' = decay s + dt x B^T`` (s [p, n] float32 in the WGMMA layout, x / D along its rows,
-    B / C along its columns) and ``y = s' C + D x`` (times silu(z) from ``z_s``), float32."""
-    plgpu = _plgpu()
-    p, n = s.shape
-    s = s * decay + (lax.broadcast_in_dim(dt * x, (p, n), [0])
-                     * lax.broadcast_in_dim(Bv, (p, n), [1]))
-    y = x * D + jnp.sum(s * lax.broadcast_in_dim(Cv, (p, n), [1]), axis=1)
-    if has_z:
-        zv = cast(z_s[...], plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-        y = y * zv / (1.0 + jnp.exp(-zv))
-    return s, y
-
-
 def _ssu_kernel(idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, bias_ref, z_ref,
                 y_ref, out_ref, *, heads_per_group, softplus, limit, has_z, d_per_channel,
                 interpret, named_grid):
@@ -163,7 +138,12 @@ def _update(r, j, idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref,
         plgpu.copy_gmem_to_smem(z_ref.at[r, j], z_s, bars.at[4])
     if d_per_channel:
         plgpu.copy_gmem_to_smem(D_ref.at[j], D_s, bars.at[5])
-    dt, decay = _dt_and_decay(dt_ref, bias_ref, A_ref, r, j, softplus, limit)
+    dt = dt_ref[r, j] + bias_ref[j]
+    if softplus:
+        dt = _softplus(dt)
+    if limit is not None:
+        dt = jnp.minimum(jnp.maximum(dt, limit[0]), limit[1])
+    decay = jnp.exp(dt * A_ref[j])
     for k in (1, 2, 3) + ((4,) if has_z else ()) + ((5,) if d_per_channel else ()):
         plgpu.barrier_wait(bars.at[k])
     x = cast(x_s[...], rows).astype(jnp.float32)
@@ -177,7 +157,8 @@ def _update(r, j, idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref,
         plgpu.barrier_wait(bars.at[0])
 
     s = jnp.where(valid, cast(s_s[...], plgpu.Layout.WGMMA).astype(jnp.float32), 0.0)
-    s, y = _new_state_and_y(s, x, Bv, Cv, D, dt, decay, z_s, has_z, cast)
+    s = s * decay + (lax.broadcast_in_dim(dt * x, (p, n), [0])
+                     * lax.broadcast_in_dim(Bv, (p, n), [1]))
 
     @pl.when(valid)
     def _():
@@ -185,6 +166,10 @@ def _update(r, j, idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(s_s, out_ref.at[slot, j])
 
+    y = x * D + jnp.sum(s * lax.broadcast_in_dim(Cv, (p, n), [1]), axis=1)
+    if has_z:
+        zv = cast(z_s[...], rows).astype(jnp.float32)
+        y = y * zv / (1.0 + jnp.exp(-zv))
     y_ref.at[r, j][...] = y.astype(y_ref.dtype)
 
     @pl.when(valid)
@@ -192,115 +177,11 @@ def _update(r, j, idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _ssu_persistent_kernel(idx_ref, state_ref, x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref,
-                           bias_ref, z_ref, y_ref, out_ref, *, programs, buffers, ahead,
-                           heads_per_group, softplus, limit, has_z, d_per_channel, interpret):
-    """``programs`` programs walk the b * h (row, head) items, program q taking items q,
-    q + programs, ...; each keeps ``buffers`` state buffers in shared memory and the copies of
-    its next ``ahead`` items in flight while it updates the current one (no wave of programs
-    waits for the slowest one). Every item ends with one group of copies out (the state, unless
-    the row pads, and y), so the number of groups still reading shared memory says which
-    buffers are free again."""
-    plgpu = _plgpu()
-    b, h, p = x_ref.shape
-    n = state_ref.shape[-1]
-    items, q = b * h, lax.axis_index("programs")
-    steps = -(-items // programs)
-    per_tile = 128 // jnp.dtype(state_ref.dtype).itemsize
-    cast = layout_caster(interpret)
-    rows, cols = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-
-    def item(t):
-        w = q + t * programs
-        r, j = lax.div(w, h), lax.rem(w, h)
-        slot = idx_ref[jnp.minimum(r, b - 1)]
-        valid = (slot >= 0) & (slot < state_ref.shape[0])
-        return w, r, j, jnp.where(valid, slot, 0), valid
-
-    def body(s_s, x_s, z_s, B_s, C_s, D_s, y_s, bars):
-        def issue(t):  # item t's copies in, into buffer t % buffers
-            w, r, j, slot, valid = item(t)
-            k, g = lax.rem(t, buffers), lax.div(j, heads_per_group)
-
-            @pl.when(w < items)
-            def _():
-                @pl.when(valid)
-                def _():
-                    plgpu.copy_gmem_to_smem(state_ref.at[slot, j], s_s.at[k], bars.at[k])
-                copies = [(x_ref.at[r, j], x_s), (B_ref.at[r, g], B_s), (C_ref.at[r, g], C_s)]
-                copies += [(z_ref.at[r, j], z_s)] if has_z else []
-                copies += [(D_ref.at[j], D_s)] if d_per_channel else []
-                for c, (src, dst) in enumerate(copies, start=1):
-                    plgpu.copy_gmem_to_smem(src, dst.at[k], bars.at[c * buffers + k])
-
-        for t in range(min(ahead, steps)):
-            issue(t)
-
-        def step(t, carry):
-            @pl.when(t + ahead < steps)
-            def _():  # item t + ahead's buffer last held item t + ahead - buffers: its copy
-                # out is done once at most buffers - ahead - 1 newer groups are pending
-                plgpu.wait_smem_to_gmem(buffers - ahead - 1, wait_read_only=True)
-                issue(t + ahead)
-
-            w, r, j, slot, valid = item(t)
-            k = lax.rem(t, buffers)
-
-            @pl.when(w < items)
-            def _():
-                dt, decay = _dt_and_decay(dt_ref, bias_ref, A_ref, r, j, softplus, limit)
-                kinds = 3 + has_z + d_per_channel
-                for c in range(1, kinds + 1):
-                    plgpu.barrier_wait(bars.at[c * buffers + k])
-                x = cast(x_s.at[k][...], rows).astype(jnp.float32)
-                D = cast(D_s.at[k][...], rows) if d_per_channel else D_ref[j]
-                Bv = cast(B_s.at[k][...], cols).astype(jnp.float32)
-                Cv = cast(C_s.at[k][...], cols).astype(jnp.float32)
-
-                @pl.when(valid)
-                def _():
-                    plgpu.barrier_wait(bars.at[k])
-
-                s = jnp.where(valid, cast(s_s.at[k][...], plgpu.Layout.WGMMA).astype(
-                    jnp.float32), 0.0)
-                s, y = _new_state_and_y(s, x, Bv, Cv, D, dt, decay, z_s.at[k], has_z, cast)
-                s_s.at[k][...] = s.astype(s_s.dtype)
-                y_s.at[k][...] = y.astype(y_s.dtype)
-                plgpu.commit_smem()
-
-                @pl.when(valid)
-                def _():  # (in the group that y's copy commits)
-                    plgpu.copy_smem_to_gmem(s_s.at[k], out_ref.at[slot, j], commit_group=False)
-
-                plgpu.copy_smem_to_gmem(y_s.at[k], y_ref.at[r, j])
-            return carry
-
-        lax.fori_loop(0, steps, step, None)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    pl.run_scoped(
-        body,
-        plgpu.SMEM((buffers, p, n), state_ref.dtype, transforms=(
-            plgpu.TilingTransform((8, per_tile)), plgpu.SwizzleTransform(128))),
-        plgpu.SMEM((buffers, p), x_ref.dtype), plgpu.SMEM((buffers, p), z_ref.dtype),
-        plgpu.SMEM((buffers, n), B_ref.dtype), plgpu.SMEM((buffers, n), C_ref.dtype),
-        plgpu.SMEM((buffers, p), jnp.float32), plgpu.SMEM((buffers, p), y_ref.dtype),
-        plgpu.Barrier(num_barriers=6 * buffers))
-
-
-@functools.partial(jax.jit, static_argnames=("softplus", "limit", "interpret", "alias",
-                                             "persistent", "sm_count"))
+@functools.partial(jax.jit, static_argnames=("softplus", "limit", "interpret", "alias"))
 def selective_state_update_mgpu(state, x, dt, A, B, C, D, dt_bias, z, idx, *, softplus: bool,
-                                limit=None, interpret: bool = False, alias: bool = True,
-                                persistent=None, sm_count: int = 132):
+                                limit=None, interpret: bool = False, alias: bool = True):
     """``(y, new pool)``: ``pallas_ssu.selective_state_update_pallas``'s contract (D [h] or
     [h, p], dt_bias [h], z or None, idx [b] int32, ``limit`` (lo, hi) or None).
-
-    ``persistent=(buffers, ahead, programs_per_sm)``: ``min(b h, programs_per_sm * sm_count)``
-    programs walk the (row, head) items with ``buffers`` state buffers each and the copies of
-    ``ahead`` items in flight (``_ssu_persistent_kernel``; 1 <= ahead < buffers); None: one
-    program per item. (The jax 0.10 ``pallas_call`` route has no named grid: one program per
-    item there.)
 
     ``alias=False`` (benchmarks only): the kernel writes a fresh pool buffer, so the slots no
     row names are undefined in it; the kernel's work is the same as in place."""
@@ -309,26 +190,16 @@ def selective_state_update_mgpu(state, x, dt, A, B, C, D, dt_bias, z, idx, *, so
     g, n = B.shape[1:]
     route = in_place_route()
     named_grid = interpret or not alias or route == "ref"
-    common = dict(heads_per_group=h // g, softplus=softplus, limit=limit, has_z=z is not None,
-                  d_per_channel=D.ndim == 2, interpret=interpret)
-    if persistent is not None and named_grid:
-        buffers, ahead, per_sm = persistent
-        if not 1 <= ahead < buffers:
-            raise ValueError(f"selective_state_update_mgpu: persistent needs 1 <= ahead < "
-                             f"buffers, got {persistent}")
-        programs = min(b * h, per_sm * sm_count)
-        kernel = functools.partial(_ssu_persistent_kernel, programs=programs, buffers=buffers,
-                                   ahead=ahead, **common)
-        grid, grid_names = (programs,), ("programs",)
-    else:
-        kernel = functools.partial(_ssu_kernel, named_grid=named_grid, **common)
-        grid, grid_names = (b, h), ("rows", "heads")
+    kernel = functools.partial(
+        _ssu_kernel, heads_per_group=h // g, softplus=softplus, limit=limit,
+        has_z=z is not None, d_per_channel=D.ndim == 2, interpret=interpret,
+        named_grid=named_grid)
     out_type = (jax.ShapeDtypeStruct(x.shape, x.dtype),
                 jax.ShapeDtypeStruct(state.shape, state.dtype))
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
     args = (idx, state, x, dt.astype(jnp.float32), A.astype(jnp.float32), B, C,
             D.astype(jnp.float32), dt_bias.astype(jnp.float32), x if z is None else z)
-    kernel_over_grid = functools.partial(plgpu.kernel, grid=grid, grid_names=grid_names,
+    kernel_over_grid = functools.partial(plgpu.kernel, grid=(b, h), grid_names=("rows", "heads"),
                                          compiler_params=params,
                                          interpret=interpret_params(interpret))
     if not alias:
@@ -338,8 +209,7 @@ def selective_state_update_mgpu(state, x, dt, A, B, C, D, dt_bias, z, idx, *, so
         # the first loses its outputs), and its plgpu.kernel takes no jax.new_ref: the
         # interpreted kernel copies the pool in and returns it whole (unnamed slots included).
         def copy_then_update(*refs):
-            @pl.when(functools.reduce(operator.and_, [lax.axis_index(a) == 0
-                                                      for a in grid_names]))
+            @pl.when((lax.axis_index("rows") == 0) & (lax.axis_index("heads") == 0))
             def _():  # the interpreter runs the programs one after another, this one first
                 refs[11][...] = refs[1][...]
 
