@@ -100,11 +100,13 @@ def parse_args(argv=None):
     ap.add_argument("--mixer-step", default=None,
                     help="time the fused decode step (kernels/mixer_step) at these "
                          "block_p:num_warps ('default': its launch rule) against the unfused "
-                         "ops through XLA ('xla'), ','-separated")
+                         "ops through XLA ('xla'), and with the folded step's inputs "
+                         "('partials', 'partials_in_ss', 'partials_in_ss_norm', 'folded'), "
+                         "','-separated")
     # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for flag, names in (("ssu_sweep", MGPU_SWEEP), ("mixer_step", ("xla", "default"))):
+    for flag, names in (("ssu_sweep", MGPU_SWEEP), ("mixer_step", MIXER_STEP_NAMED)):
         if getattr(args, flag) is not None:
             try:
                 setattr(args, flag, parse_configs(getattr(args, flag), names))
@@ -386,6 +388,11 @@ def bench_ssu_sweep(args):
               "median of 5, per update", rows=rows), indent=2))
 
 
+# --mixer-step's named configs: XLA, the kernel's default launch, and the folded decode step's
+# inputs one at a time (the in_proj partials, + the block norm's squares, + the gated norm's
+# weight, + its squares out: "folded", the model's call)
+MIXER_STEP_NAMED = ("xla", "default", "partials", "partials_in_ss", "partials_in_ss_norm",
+                    "folded")
 MIXER_STEP_SHAPE = dict(heads=80, head_dim=64, groups=1, state_size=128)  # Mamba2-2.7B
 
 
@@ -414,19 +421,31 @@ def bench_mixer_step(args):
         A_log, D, dtb = jnp.zeros((h,)), jnp.ones((h,)), jax.random.normal(ks[5], (h,)) - 2
         nbytes = 2 * ssm.nbytes + 2 * conv.nbytes + zx.nbytes + b * i * 4
         row = dict(b=b, bytes=nbytes, us={}, bandwidth_fraction={})
+        # the folded decode step's inputs (in_proj's 8 split-K partials, the block norm's 8
+        # slots of squares, the gated norm's weight), for the configs that take them
+        parts = jax.random.normal(ks[0], (8, b, i + c + h), jnp.float32) / 8
+        folded = dict(
+            partials=dict(zx_dtype=jnp.bfloat16),
+            partials_in_ss=dict(zx_dtype=jnp.bfloat16, in_ss=jnp.full((b, 8), 320.0),
+                                in_count=2560, in_eps=1e-5))
+        folded["partials_in_ss_norm"] = dict(folded["partials_in_ss"],
+                                             norm_weight=jnp.ones((i,), jnp.bfloat16))
+        folded["folded"] = dict(folded["partials_in_ss_norm"], sum_squares=True)
         for config in args.mixer_step:
             kw = (dict(impl="xla") if config == "xla" else dict(impl="pallas") if
-                  config == "default" else dict(impl="pallas", block_p=config[0],
+                  config == "default" else dict(impl="pallas", **folded[config])
+                  if config in folded else dict(impl="pallas", block_p=config[0],
                                                 num_warps=config[1]))
+            src = parts if config in folded else zx
 
-            def run(conv, ssm, kw=kw, steps=32):
+            def run(conv, ssm, kw=kw, src=src, steps=32):
                 # a rolled loop: straight-line steps of the XLA version fuse into one pass over
                 # the state (each step is elementwise in it), which no decode loop can do
                 def body(_, carry):
                     conv, ssm, acc = carry
-                    y, conv, ssm = mixer_step(zx, conv, w, cb, ssm, A_log, D, dtb, a_is_log=True,
-                                              **MIXER_STEP_SHAPE, **kw)
-                    return conv, ssm, acc + y[0, 0]
+                    y, conv, ssm, *_ = mixer_step(src, conv, w, cb, ssm, A_log, D, dtb,
+                                                  a_is_log=True, **MIXER_STEP_SHAPE, **kw)
+                    return conv, ssm, acc + y[0, 0].astype(jnp.float32)
                 return jax.lax.fori_loop(0, steps, body, (conv, ssm, jnp.float32(0)))
             conv, ssm = time_steps(jax.jit(run, donate_argnums=(0, 1)), [conv, ssm], row, config,
                                    nbytes, bandwidth)

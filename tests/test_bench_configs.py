@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from bench_decode import parse_args as decode_args  # noqa: E402
+from bench_gemv import fit_line  # noqa: E402
 from bench_kernels import config_fields  # noqa: E402
 from profile_ssd import device_span_us  # noqa: E402
 
@@ -48,6 +49,17 @@ def test_ssu_sweep_specs_parse_or_name_the_bad_one(capsys):
     with pytest.raises(SystemExit):
         decode_args(["--mixer-step", "mgpu"])  # an --ssu-sweep name only
     assert "'mgpu'" in capsys.readouterr().err
+    assert decode_args(["--mixer-step", "partials,folded, 32:4"]).mixer_step == [
+        "partials", "folded", (32, 4)]
+
+
+def test_fit_line_recovers_intercept_and_rate():
+    rate, intercept_ms = 3.9e12, 7.5e-3  # bytes / s, and ms
+    points = [(b, intercept_ms + b / rate * 1e3) for b in (5.4e7, 1.1e8, 2.2e8, 4.3e8)]
+    fit = fit_line(points)
+    assert math.isclose(fit["intercept_us"], 7.5, rel_tol=1e-9)
+    assert math.isclose(fit["rate_Bps"], rate, rel_tol=1e-9) and fit["points"] == 4
+    assert fit_line(points[:1]) is None
 
 
 def test_device_span_is_the_median_call_from_first_start_to_last_end():
