@@ -100,9 +100,8 @@ def parse_args(argv=None):
     ap.add_argument("--mixer-step", default=None,
                     help="time the fused decode step (kernels/mixer_step) at these "
                          "block_p:num_warps ('default': its launch rule) against the unfused "
-                         "ops through XLA ('xla'), and with the folded step's inputs "
-                         "('partials', 'partials_in_ss', 'partials_in_ss_norm', 'folded'), "
-                         "','-separated")
+                         "ops through XLA ('xla'), and with the folded step's inputs added "
+                         f"one at a time ({', '.join(FOLDED_INPUTS)}), ','-separated")
     # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -389,10 +388,10 @@ def bench_ssu_sweep(args):
 
 
 # --mixer-step's named configs: XLA, the kernel's default launch, and the folded decode step's
-# inputs one at a time (the in_proj partials, + the block norm's squares, + the gated norm's
-# weight, + its squares out: "folded", the model's call)
-MIXER_STEP_NAMED = ("xla", "default", "partials", "partials_in_ss", "partials_in_ss_norm",
-                    "folded")
+# inputs added one at a time (each name takes the ones before it): the in_proj partials, the
+# block norm's squares, the gated norm's weight, its squares out ("folded": the model's call)
+FOLDED_INPUTS = ("partials", "partials_in_ss", "partials_in_ss_norm", "folded")
+MIXER_STEP_NAMED = ("xla", "default") + FOLDED_INPUTS
 MIXER_STEP_SHAPE = dict(heads=80, head_dim=64, groups=1, state_size=128)  # Mamba2-2.7B
 
 
@@ -422,21 +421,24 @@ def bench_mixer_step(args):
         nbytes = 2 * ssm.nbytes + 2 * conv.nbytes + zx.nbytes + b * i * 4
         row = dict(b=b, bytes=nbytes, us={}, bandwidth_fraction={})
         # the folded decode step's inputs (in_proj's 8 split-K partials, the block norm's 8
-        # slots of squares, the gated norm's weight), for the configs that take them
+        # slots of squares, the gated norm's weight), each FOLDED_INPUTS name adding one
         parts = jax.random.normal(ks[0], (8, b, i + c + h), jnp.float32) / 8
-        folded = dict(
-            partials=dict(zx_dtype=jnp.bfloat16),
-            partials_in_ss=dict(zx_dtype=jnp.bfloat16, in_ss=jnp.full((b, 8), 320.0),
-                                in_count=2560, in_eps=1e-5))
-        folded["partials_in_ss_norm"] = dict(folded["partials_in_ss"],
-                                             norm_weight=jnp.ones((i,), jnp.bfloat16))
-        folded["folded"] = dict(folded["partials_in_ss_norm"], sum_squares=True)
+        added = (dict(zx_dtype=jnp.bfloat16),
+                 dict(in_ss=jnp.full((b, 8), 320.0), in_count=2560, in_eps=1e-5),
+                 dict(norm_weight=jnp.ones((i,), jnp.bfloat16)), dict(sum_squares=True))
+        folded, so_far = {}, {}
+        for name, extra in zip(FOLDED_INPUTS, added):
+            so_far = folded[name] = dict(so_far, **extra)
         for config in args.mixer_step:
-            kw = (dict(impl="xla") if config == "xla" else dict(impl="pallas") if
-                  config == "default" else dict(impl="pallas", **folded[config])
-                  if config in folded else dict(impl="pallas", block_p=config[0],
-                                                num_warps=config[1]))
-            src = parts if config in folded else zx
+            src = zx
+            if config == "xla":
+                kw = dict(impl="xla")
+            elif config == "default":
+                kw = dict(impl="pallas")
+            elif config in folded:
+                kw, src = dict(impl="pallas", **folded[config]), parts
+            else:
+                kw = dict(impl="pallas", block_p=config[0], num_warps=config[1])
 
             def run(conv, ssm, kw=kw, src=src, steps=32):
                 # a rolled loop: straight-line steps of the XLA version fuse into one pass over

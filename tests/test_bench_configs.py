@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from bench_decode import parse_args as decode_args  # noqa: E402
-from bench_gemv import fit_line  # noqa: E402
+from bench_gemv import FIT_MIN_TILES, fit_line, scaling_fit  # noqa: E402
 from bench_kernels import config_fields  # noqa: E402
 from profile_ssd import device_span_us  # noqa: E402
 
@@ -60,6 +60,11 @@ def test_fit_line_recovers_intercept_and_rate():
     assert math.isclose(fit["intercept_us"], 7.5, rel_tol=1e-9)
     assert math.isclose(fit["rate_Bps"], rate, rel_tol=1e-9) and fit["points"] == 4
     assert fit_line(points[:1]) is None
+    # scaling_fit: only launches with >= FIT_MIN_TILES tiles a slab are on the line
+    rows = [dict(weight_bytes=b, ours_default=dict(ms=t, plan=dict(n_k=FIT_MIN_TILES + k)))
+            for k, (b, t) in enumerate(points)]
+    rows.insert(0, dict(weight_bytes=1e7, ours_default=dict(ms=1.0, plan=dict(n_k=1))))
+    assert scaling_fit(rows) == fit
 
 
 def test_device_span_is_the_median_call_from_first_start_to_last_end():
