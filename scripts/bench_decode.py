@@ -101,7 +101,8 @@ def parse_args(argv=None):
                     help="time the fused decode step (kernels/mixer_step) at these "
                          "block_p:num_warps ('default': its launch rule) against the unfused "
                          "ops through XLA ('xla'), and with the folded step's inputs added "
-                         f"one at a time ({', '.join(FOLDED_INPUTS)}), ','-separated")
+                         f"one at a time ({', '.join(FOLDED_INPUTS)}; folded_loads_first: "
+                         "the model's call with every load first), ','-separated")
     # CPU smoke test of --conv-prefill: tiny shapes, the kernel in interpret mode.
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -389,9 +390,10 @@ def bench_ssu_sweep(args):
 
 # --mixer-step's named configs: XLA, the kernel's default launch, and the folded decode step's
 # inputs added one at a time (each name takes the ones before it): the in_proj partials, the
-# block norm's squares, the gated norm's weight, its squares out ("folded": the model's call)
+# block norm's squares, the gated norm's weight, its squares out ("folded": the model's call;
+# "folded_loads_first": that call with the kernel's loads_first)
 FOLDED_INPUTS = ("partials", "partials_in_ss", "partials_in_ss_norm", "folded")
-MIXER_STEP_NAMED = ("xla", "default") + FOLDED_INPUTS
+MIXER_STEP_NAMED = ("xla", "default") + FOLDED_INPUTS + ("folded_loads_first",)
 MIXER_STEP_SHAPE = dict(heads=80, head_dim=64, groups=1, state_size=128)  # Mamba2-2.7B
 
 
@@ -429,6 +431,8 @@ def bench_mixer_step(args):
         folded, so_far = {}, {}
         for name, extra in zip(FOLDED_INPUTS, added):
             so_far = folded[name] = dict(so_far, **extra)
+        folded["folded_loads_first"] = dict(so_far, loads_first=True)  # the model's call,
+        # every load issued before any compute
         for config in args.mixer_step:
             src = zx
             if config == "xla":

@@ -11,6 +11,8 @@ Each variant runs in its own process (XLA flags are read at start-up):
   (``mixer.FOLD_NORMS_AUTO = False``) instead of folded into the launches around the
   projections.
 * ``pdl``: ``impl="auto"`` with XLA's programmatic dependent launch (``--xla_gpu_enable_pdl``).
+* ``loads_first``: ``impl="auto"`` with ``mixer.STEP_LOADS_FIRST`` (the fused step's kernel
+  issuing every load before any compute).
 * ``ours/<flags>``: ``decode_step`` jitted functionally with the state donated (ms / step), and
   ``mamba2_jax.generate`` (compiled prefill + ``lax.while_loop`` decode): per-token time from two
   generation lengths, ``(T(n2) - T(n1)) / (n2 - n1)``, so prefill and dispatch cancel; with
@@ -51,6 +53,9 @@ EXTRA_FLAGS = {  # flags of the other variants (xla_ops, hf, breakdown*)
     "breakdown_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     "xla_ops_no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     "pdl": "--xla_gpu_enable_pdl=true",  # programmatic dependent launch (Hopper+; no gain)
+}
+KNOB_VARIANTS = {  # impl auto with nn/mixer.py's launch knobs set
+    "loads_first": dict(STEP_LOADS_FIRST=True),
 }
 TINY = dict(CONFIG, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
             vocab_size=256, chunk_size=16)  # --tiny: a smoke test of the script
@@ -216,9 +221,11 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS) + ["pallas", "xla_ops", "hf"],
                     help="default / command_buffers_off (impl auto: in_proj through the GEMV "
-                         "kernel at b <= 16), unfused (auto without the fused step), unfolded (auto, the norms' own launches), pdl, pallas (impl pallas: every op's kernel, in_proj, "
-                         "out_proj and the LM head through the GEMV), xla_ops (impl xla), hf, "
-                         "breakdown*")
+                         "kernel at b <= 16), unfused (auto without the fused step), unfolded "
+                         "(auto, the norms' own launches), pdl, " + ", ".join(KNOB_VARIANTS)
+                         + " (auto with mixer knobs), pallas (impl pallas: every op's kernel, "
+                         "in_proj, out_proj and the LM head through the GEMV), xla_ops (impl "
+                         "xla), hf, breakdown*")
     ap.add_argument("--name", default="generate_2.7b", help="result file prefix")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
@@ -233,10 +240,12 @@ def main():
         else:
             impl = ("xla" if args.worker.startswith("xla_ops") else
                     "pallas" if args.worker == "pallas" else "auto")
+            import mamba2_jax.nn.mixer as mixer
             if args.worker in ("unfused", "unfolded"):  # impl auto, parts of the step unfused
-                import mamba2_jax.nn.mixer as mixer
                 mixer.FUSED_STEP_AUTO = args.worker != "unfused"
                 mixer.FOLD_NORMS_AUTO = False
+            for name, value in KNOB_VARIANTS.get(args.worker, {}).items():
+                setattr(mixer, name, value)
             result = worker_ours(args.batch, 16, 80, impl)
         print("RESULT " + json.dumps(result), flush=True)
         return

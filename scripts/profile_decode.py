@@ -73,10 +73,12 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a tiny config (smoke test)")
     ap.add_argument("--unfold-norms", action="store_true",
                     help="clear mixer.FOLD_NORMS_AUTO (the norms' own launches, impl auto)")
+    ap.add_argument("--loads-first", action="store_true",
+                    help="set mixer.STEP_LOADS_FIRST (the mixer step's loads before its compute)")
     args = ap.parse_args()
-    if args.unfold_norms:
-        import mamba2_jax.nn.mixer as mixer
-        mixer.FOLD_NORMS_AUTO = False
+    import mamba2_jax.nn.mixer as mixer
+    mixer.FOLD_NORMS_AUTO = not args.unfold_norms
+    mixer.STEP_LOADS_FIRST = args.loads_first
 
     import jax
     import jax.numpy as jnp
@@ -89,7 +91,9 @@ def main():
     model = Mamba2ForCausalLM(config, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     device = jax.devices()[0].device_kind
     result = dict(device=device, jax=jax.__version__, layers=config.num_hidden_layers,
-                  steps=args.steps, iters=args.iters, runs=[])
+                  steps=args.steps, iters=args.iters, runs=[],
+                  knobs=dict(FOLD_NORMS_AUTO=mixer.FOLD_NORMS_AUTO,
+                             STEP_LOADS_FIRST=mixer.STEP_LOADS_FIRST))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "profile_decode_" + device.replace(" ", "_").replace("/", "_") + ".json"

@@ -49,8 +49,8 @@ def test_ssu_sweep_specs_parse_or_name_the_bad_one(capsys):
     with pytest.raises(SystemExit):
         decode_args(["--mixer-step", "mgpu"])  # an --ssu-sweep name only
     assert "'mgpu'" in capsys.readouterr().err
-    assert decode_args(["--mixer-step", "partials,folded, 32:4"]).mixer_step == [
-        "partials", "folded", (32, 4)]
+    assert decode_args(["--mixer-step", "partials,folded, 32:4,folded_loads_first"]).mixer_step == [
+        "partials", "folded", (32, 4), "folded_loads_first"]
 
 
 def test_fit_line_recovers_intercept_and_rate():

@@ -58,6 +58,11 @@ FUSED_STEP_MAX_ROWS = 16
 # processes): 2.237 / 2.340 / 2.701 against 2.558 / 2.550 / 2.983 ms a token; under the
 # profiler (8-step loop) the folded step's kernels sum to 2.3 % more (BENCHMARKS.md).
 FOLD_NORMS_AUTO = True
+# ... and kernels/mixer_step with every load issued before any compute (``loads_first``);
+# off: the order BENCHMARKS.md measured. A benchmark knob (scripts/bench_generate.py's
+# ``loads_first``), not yet timed on a GPU; in offline sm_90 SASS (scripts/sass_phases.py, a
+# static model) a warp of the b = 1 step waits through 2 global round trips instead of 7.
+STEP_LOADS_FIRST = False
 
 
 class MixerState(NamedTuple):
@@ -337,7 +342,7 @@ class MambaMixer2(nnx.Module):
             self.A_log[...], D.reshape(c.num_heads, c.head_dim) if c.d_has_hdim else D,
             self.dt_bias[...], heads=c.num_heads, head_dim=c.head_dim, groups=c.n_groups,
             state_size=c.state_size, dt_limit=c.time_step_limit, a_is_log=True,
-            zx_dtype=dtype, **kwargs, **op_kwargs(impl))
+            zx_dtype=dtype, loads_first=STEP_LOADS_FIRST, **kwargs, **op_kwargs(impl))
 
     def folds_norms(self, impl: str, rows: int) -> bool:
         """Whether ``folded_step`` can run: the fused step (``_fused_step``) at most gemv's

@@ -33,8 +33,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def check(v, shape, ssm_tol, y_tol=1e-5, **kw):
-    got = mixer_step(*v.values(), **shape, impl="pallas", interpret=not ON_GPU, **kw)
+def check(v, shape, ssm_tol, y_tol=1e-5, launch=None, **kw):
+    got = mixer_step(*v.values(), **shape, impl="pallas", interpret=not ON_GPU, **(launch or {}),
+                     **kw)
     want = mixer_step_ref(*v.values(), **shape, **kw)
     for a, w, name in zip(got, want, ("y", "conv", "ssm")):
         assert a.shape == w.shape and a.dtype == w.dtype, name
@@ -91,6 +92,32 @@ def test_gemv_partials_summed_in_the_kernel(dtype):
         mixer_step(parts, *list(v.values())[1:], **shape, impl="xla")  # no zx_dtype
 
 
+@pytest.mark.parametrize("folded", [False, True])
+def test_loads_first_is_the_same_step(folded):
+    """``loads_first`` (every load issued before any compute) changes the order only: the
+    outputs equal the default order's, and the reference's; plain (D per channel, a dt clip,
+    no conv bias) and the folded step's call (partials, in_ss, norm_weight, sum_squares)."""
+    v, shape = inputs(13, b=2, h=4, p=16, g=2, n=32, d_hp=not folded, bias=folded)
+    kw = dict(shape, dt_limit=(0.01, 0.4))
+    if folded:
+        rng = np.random.default_rng(14)
+        v["zxbcdt"] = jnp.asarray(rng.standard_normal((3,) + v["zxbcdt"].shape), jnp.float32)
+        kw.update(zx_dtype=jnp.bfloat16, sum_squares=True, in_count=48.0, in_eps=1e-5,
+                  in_ss=jnp.asarray(rng.uniform(1, 2, (2, 3)) * 16, jnp.float32),
+                  norm_weight=jnp.asarray(1 + 0.3 * rng.standard_normal(64), jnp.bfloat16))
+    run = lambda first: mixer_step(*v.values(), **kw, loads_first=first, block_p=8,
+                                   impl="pallas", interpret=not ON_GPU)
+    got, base, want = run(True), run(False), mixer_step_ref(*v.values(), **kw)
+    assert len(got) == len(base) == len(want) == (4 if folded else 3)
+    if folded:  # the kernel's squares: one slot a program (two a head at block_p 8)
+        got, base = ([*o[:3], o[3].reshape(2, 4, 2).sum(-1)] for o in (got, base))
+    for a, b0, w in zip(got, base, want):
+        assert a.dtype == w.dtype and a.shape == w.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b0, np.float32),
+                                   rtol=1e-6, atol=1e-6)
+        assert rel(a, w) < (1e-2 if folded else 1e-5)  # (folded: y in bf16)
+
+
 def test_float32_inputs_bf16_state_and_conv_kernel_2():
     v, shape = inputs(4, b=2, h=2, p=32, g=1, n=16, k=2, dtype=jnp.float32,
                       ssm_dtype=jnp.bfloat16)
@@ -122,10 +149,14 @@ def test_kernel_lowers_for_cuda_with_the_ssm_state_aliased():
     v, shape = inputs(7, b=1, h=80, p=64, g=1, n=128)
     S = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
     fn = functools.partial(mixer_step_pallas, **shape)
-    text = jax.jit(fn, donate_argnums=4).trace(*map(S, v.values())).lower(
+    lower = lambda fn: jax.jit(fn, donate_argnums=4).trace(*map(S, v.values())).lower(
         lowering_platforms=("cuda",)).as_text()
+    text = lower(fn)
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "tf.aliasing_output" in text  # the donated ssm state is the kernel's output buffer
+    assert lower(functools.partial(fn, loads_first=True)) != text  # another kernel body
+    wide = functools.partial(fn, block_p=32)  # above LOADS_FIRST_MAX_BLOCK_P: the default order
+    assert lower(functools.partial(wide, loads_first=True)) == lower(wide)
 
 
 @pytest.mark.parametrize("dtype,tol,extra", [
@@ -168,6 +199,32 @@ def test_model_decode_step_runs_the_fused_kernel(dtype, tol, extra):
         assert jaxpr.count("name=gemv_splitk\n") == L  # out_proj
     assert "mixer_step" not in str(jax.make_jaxpr(
         lambda t, s: model.decode_step(t, s, impl="xla"))(ids[:, 6], state))
+
+
+def test_model_loads_first_knob_reaches_the_kernel(monkeypatch):
+    """mixer.STEP_LOADS_FIRST (a benchmark knob) reaches the folded step's mixer_step calls,
+    and the decode step's outputs stay those of the default order."""
+    from flax import nnx
+
+    import mamba2_jax.nn.mixer as mixer_module
+    from mamba2_jax.config import Mamba2Config
+    from mamba2_jax.nn.model import Mamba2ForCausalLM
+
+    cfg = Mamba2Config(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                       n_groups=1, state_size=16, vocab_size=64, chunk_size=8, expand=2)
+    model = Mamba2ForCausalLM(cfg, param_dtype=jnp.float32, rngs=nnx.Rngs(2))
+    ids = jnp.asarray(np.random.default_rng(15).integers(0, 64, (1, 5)))
+    _, state = model.prefill(ids[:, :4])
+    want, want_state = model.decode_step(ids[:, 4], state, impl="interpret")
+    seen, step = [], mixer_module.mixer_step
+    monkeypatch.setattr(mixer_module, "mixer_step", lambda *a, **kw: (
+        seen.append(kw["loads_first"]), step(*a, **kw))[1])
+    monkeypatch.setattr(mixer_module, "STEP_LOADS_FIRST", True)
+    got, got_state = model.decode_step(ids[:, 4], state, impl="interpret")
+    assert seen == [True] * cfg.num_hidden_layers
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for new, old in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+        np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=1e-5, atol=1e-5)
 
 
 def test_mixer_step_with_a_float32_mup_vector_keeps_the_promoted_dtype():
@@ -215,13 +272,14 @@ def test_when_the_model_takes_the_fused_step(monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.gpu
-@pytest.mark.parametrize("b", [1, 64])
-def test_gpu_real_sizes_in_place(b):
+@pytest.mark.parametrize("b,loads_first", [(1, False), (64, False), (1, True)])
+def test_gpu_real_sizes_in_place(b, loads_first):
     v, shape = inputs(b, b=b, h=80, p=64, g=1, n=128)
     # y_tol: y is rounded to bf16 before the gate; where the GPU's exp / softplus differ from
     # XLA's by an ulp a rounding flips (seen: 1.2e-5 at b = 64)
-    check(v, shape, 1e-5, y_tol=1e-4)
-    step = jax.jit(functools.partial(mixer_step, **shape, impl="pallas"), donate_argnums=4)
+    check(v, shape, 1e-5, y_tol=1e-4, launch=dict(loads_first=loads_first))
+    step = jax.jit(functools.partial(mixer_step, **shape, impl="pallas",
+                                     loads_first=loads_first), donate_argnums=4)
     ssm = jnp.array(v["ssm_state"])
     address = ssm.unsafe_buffer_pointer()
     want = mixer_step_ref(*v.values(), **shape)

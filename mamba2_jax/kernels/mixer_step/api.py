@@ -36,10 +36,12 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
                heads: int, head_dim: int, groups: int, state_size: int,
                dt_limit=(0.0, float("inf")), a_is_log: bool = False, zx_dtype=None,
                block_p=None, num_warps=None, sum_squares: bool = False, in_ss=None,
-               in_count=None, in_eps=None, norm_weight=None, impl: str = "auto",
-               interpret: bool = False):
+               in_count=None, in_eps=None, norm_weight=None, loads_first: bool = False,
+               impl: str = "auto", interpret: bool = False):
     """See the module docstring. ``a_is_log``: ``A`` holds A_log (A = -exp(A_log), taken in
-    the kernel); ``block_p`` / ``num_warps``: the kernel's launch (None: its defaults).
+    the kernel); ``block_p`` / ``num_warps``: the kernel's launch (None: its defaults);
+    ``loads_first``: the kernel issues every load before any compute (blocks of at most 16
+    rows; ``pallas_step.py``).
     ``zxbcdt`` may be [S, b, N] float32: the in_proj GEMV's split-K partials
     (``gemv(..., partials=True)``), summed in the kernel and rounded to ``zx_dtype``.
     ``sum_squares``: a fourth output, float32 [b, slots] (slots a multiple of heads, head-major),
@@ -105,7 +107,8 @@ def mixer_step(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_b
     if block_p is not None and (not _pow2(block_p) or block_p > p):
         raise ValueError(f"{op}: block_p must be a power of two <= head_dim {p}, got {block_p}")
     limit = None if (lo, hi) == (0.0, float("inf")) else (lo, hi)
-    launch = dict(block_p=block_p, **({} if num_warps is None else dict(num_warps=num_warps)))
+    launch = dict(block_p=block_p, loads_first=bool(loads_first),
+                  **({} if num_warps is None else dict(num_warps=num_warps)))
     return mixer_step_pallas(zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, A, D,
                              dt_bias, in_ss, norm_weight, limit=limit, a_is_log=a_is_log,
                              interpret=interpret, sum_squares=sum_squares,
