@@ -2,13 +2,13 @@
 global-memory round trips a warp waits through, from SASS built offline for sm_90.
 
     python scripts/sass_phases.py --triton-python /path/to/venv/bin/python \
-        --out benchmarks/results/sass_phases_sm90.json
+        --out benchmarks/results/sass_phases_sm90_offline.json
 
-Each kernel (the Mamba2-2.7B decode step: ``kernels/mixer_step`` as the folded step calls it,
-with and without ``loads_first`` and the gated sums of squares, at b = 1 and 16, and
-``gemv.residual_gemv`` for in_proj at b = 1: ``STEP_KERNELS``) is lowered for "cuda" by this process's
-jax (the CPU is enough), its Triton IR taken from the custom call, and compiled by pip Triton
-(``--triton-python``: an interpreter that imports triton, e.g. a venv with
+Each kernel of the Mamba2-2.7B decode step (``kernels/mixer_step`` as the folded step calls it,
+with and without ``loads_first`` and the gated sums of squares, at b = 1 and 16:
+``STEP_KERNELS``; ``gemv.residual_gemv`` for in_proj at b = 1) is lowered for "cuda" by this
+process's jax (the CPU is enough), its Triton IR taken from the custom call, and compiled by
+pip Triton (``--triton-python``: an interpreter that imports triton, e.g. a venv with
 ``pip install triton==3.6.0``) for sm_90 with the launch's num_warps / num_stages; ``ptxas -v``
 gives registers and spills, ``cuobjdump -sass`` the listing.
 
@@ -34,7 +34,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode import MIXER_STEP_SHAPE  # noqa: E402
+
 SM = 90
+SM_COUNT = 132  # H100 SXM / H200: the GEMV's launch plan
 COMPILE = r"""
 import json, os, subprocess, sys
 import triton
@@ -92,13 +97,17 @@ def _instructions(sass: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", sass)]
 
 
+def _unguarded(ins: str) -> str:
+    """An instruction without its predicate guard (``@P0``, ``@!UP1``)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", ins)
+
+
 def round_trips(instructions: list[str]) -> tuple[list[int], int | None]:
     """Loads (LDG) per run of the in-order model in the module docstring, and how many runs
     had ended (waits on a load) before the first async copy (LDGSTS; None: none)."""
     runs, pending, open_run, waits, async_after = [], set(), False, 0, None
     for ins in instructions:
-        ins = re.sub(r"^@!?U?P\w+\s+", "", ins)  # a predicate guard
-        op, _, rest = ins.partition(" ")
+        op, _, rest = _unguarded(ins).partition(" ")
         operands = [o.strip() for o in rest.split(",")]
         writes_first = not op.startswith(("ST", "BAR", "RED", "ATOM"))
         read = ",".join(operands[1:]) if writes_first else rest
@@ -125,7 +134,7 @@ def summarize(ptxas: str, sass: str) -> dict:
     regs = re.search(r"Used (\d+) registers", ptxas)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     runs, async_after = round_trips(ins)
-    count = lambda pat: sum(bool(re.match(pat, re.sub(r"^@!?U?P\w+\s+", "", i))) for i in ins)
+    count = lambda pat: sum(bool(re.match(pat, _unguarded(i))) for i in ins)
     return dict(registers=int(regs.group(1)) if regs else None,
                 spill_bytes=(int(spills.group(1)) + int(spills.group(2))) if spills else None,
                 instructions=len(ins), LDG=count(r"LDG(\.| )"), LDGSTS=count(r"LDGSTS"),
@@ -157,7 +166,8 @@ def decode_kernels() -> dict:
     from mamba2_jax.kernels.gemv.pallas_gemv import plan, residual_gemv_call
 
     S, f32, bf16 = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
-    h, p, g, n, k, d = 80, 64, 1, 128, 4, 2560
+    h, p, g, n = (MIXER_STEP_SHAPE[key] for key in ("heads", "head_dim", "groups", "state_size"))
+    k, d = 4, 2560  # conv kernel, hidden size
     i, c = h * p, h * p + 2 * g * n
     lower = lambda fn, args: jax.jit(fn).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -167,8 +177,8 @@ def decode_kernels() -> dict:
                 S((c,), bf16), S((b, h, p, n), f32), S((h,), f32), S((h,), f32),
                 S((h,), f32), S((b, 8), f32), S((i,), bf16)]
         step = pallas_step.mixer_step_pallas  # (unjitted: the cap is read at each trace)
-        fn = functools.partial(getattr(step, "__wrapped__", step), heads=h, head_dim=p,
-                               groups=g, state_size=n, zx_dtype="bfloat16",
+        fn = functools.partial(getattr(step, "__wrapped__", step), **MIXER_STEP_SHAPE,
+                               zx_dtype="bfloat16",
                                sum_squares=squares, in_count=float(d), in_eps=1e-5,
                                a_is_log=True, loads_first=first, block_p=block_p)
         pallas_step.LOADS_FIRST_MAX_BLOCK_P = p if name.endswith("_uncapped") else cap
@@ -179,7 +189,7 @@ def decode_kernels() -> dict:
     gemv_args = [S((1, d), f32), S((d,), bf16), S((d, i + c + h), bf16), S((1, d), bf16),
                  S((1, 320), f32)]
     fn = functools.partial(residual_gemv_call, p=plan(1, d, i + c + h, method="dot",
-                                                      sm_count=132),
+                                                      sm_count=SM_COUNT),
                            delta_count=i, delta_eps=1e-5, in_dtype=bf16)
     out["residual_gemv"] = lower(fn, gemv_args)
     return out
@@ -191,6 +201,12 @@ def main():
                     help="a Python that imports triton (pip triton bundles ptxas)")
     ap.add_argument("--out", default=None, help="a JSON file for the results")
     args = ap.parse_args()
+    try:
+        subprocess.run([args.triton_python, "-c", "import triton"], check=True,
+                       capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        ap.error(f"--triton-python {args.triton_python!r} cannot import triton (a venv with "
+                 "pip install triton==3.6.0 will do)")
     import jax
 
     rows = {}
